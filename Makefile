@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint test-fast bench clean
+.PHONY: venv system-deps demo test lint test-fast bench clean
 
 venv: $(STAMP)
 
@@ -26,7 +26,11 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+# slurm (started by the SLURM test itself) and pdsh; apt-installed when missing.
+system-deps:
+	bash scripts/install_system_deps.sh
+
+test: lint system-deps
 	$(BIN)/python -m pytest tests
 
 test-fast: venv
