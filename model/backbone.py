@@ -1,0 +1,261 @@
+"""DeBERTaV3 backbone: word embeddings and an encoder with disentangled attention.
+
+He, Gao, Chen, "DeBERTaV3: Improving DeBERTa using ELECTRA-Style Pre-Training with
+Gradient-Disentangled Embedding Sharing", arXiv 2111.09543. The attention is DeBERTa's
+(He, Liu, Gao, Chen, arXiv 2006.03654, eq. 2-4) with the V2/V3 changes: log-bucketed
+relative positions, keys/queries of positions projected by the content projections
+(`share_att_key`), and LayerNorm'd relative embeddings.
+
+Semantics and parameter names are those of Hugging Face `DebertaV2Model`, so the
+state dicts are interchangeable key for key. One deliberate difference: HF masks attention
+for padded *queries* as well as keys; here only keys are masked. Outputs at non-pad
+positions are identical; outputs at pad positions differ and are never used.
+
+ZeRO-3 rule followed throughout: a parameter is read only inside the `forward` of the module
+that owns it (DeepSpeed gathers a module's parameters only while its forward runs), hence
+`RelativeEmbedding.forward()` and `WordEmbedding.forward(x, transpose=True)`.
+
+Shape legend: B batch, L sequence length, H hidden size, heads attention heads,
+d head dim (H / heads), k position buckets (the relative table has 2k rows), V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from model.config import DebertaV3Config
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """N(0, std) for Linear/Embedding weights, zero biases, zero padding row (as HF)."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+        if module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def log_bucket_position(rel: torch.Tensor, bucket_size: int, max_position: int) -> torch.Tensor:
+    """Map relative distances to buckets: exact for |rel| <= k/2, log-spaced beyond, up to
+    `max_position` (DeBERTaV2 "position buckets"). Odd in `rel`: bucket(-r) = -bucket(r)."""
+    mid = bucket_size // 2
+    abs_rel = rel.abs().clamp(min=mid - 1)  # values below mid are not used by the log branch
+    # log base = float32 log of the ratio, computed as the reference does so boundaries agree
+    log_base = torch.log(torch.tensor((max_position - 1) / mid))
+    log_pos = torch.ceil(torch.log(abs_rel / mid) / log_base * (mid - 1)) + mid
+    return torch.where(rel.abs() <= mid, rel, log_pos.long() * rel.sign())
+
+
+def relative_position_index(
+    seq_len: int, cfg: DebertaV3Config, device: torch.device
+) -> torch.Tensor:
+    """Row index into the 2k relative embeddings for every (query i, key j): (L, L)."""
+    pos = torch.arange(seq_len, device=device)
+    rel = log_bucket_position(pos[:, None] - pos[None, :], cfg.position_buckets, cfg.max_relative)
+    k = cfg.position_buckets
+    return (rel + k).clamp(0, 2 * k - 1)  # (L, L)
+
+
+class WordEmbedding(nn.Embedding):
+    """Token embedding that can also be used transposed, as the tied MLM output layer,
+    so the weight is only ever read inside this module's forward (ZeRO-3 safe)."""
+
+    def forward(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        if transpose:
+            return F.linear(x, self.weight)  # (..., H) -> (..., V)
+        return super().forward(x)  # (...,) -> (..., H)
+
+
+class RelativeEmbedding(nn.Embedding):
+    """The 2k relative position embeddings; `forward()` returns the table (2k, H)."""
+
+    def forward(self) -> torch.Tensor:  # type: ignore[override]
+        return self.weight
+
+
+class Embeddings(nn.Module):
+    """Word embedding -> LayerNorm -> zero pads -> dropout (HF `DebertaV2Embeddings` with
+    position_biased_input=False, type_vocab_size=0). `word_embeddings` is None when the
+    embedding table lives elsewhere (RTD `es` sharing); the caller then passes `inputs_embeds`.
+    """
+
+    def __init__(self, cfg: DebertaV3Config, with_word_embeddings: bool = True):
+        super().__init__()
+        self.word_embeddings = (
+            WordEmbedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+            if with_word_embeddings
+            else None
+        )
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        mask: torch.Tensor,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if inputs_embeds is None:
+            if self.word_embeddings is None:
+                raise ValueError("this backbone has no word embeddings: pass inputs_embeds")
+            inputs_embeds = self.word_embeddings(input_ids)  # (B, L, H)
+        x = self.LayerNorm(inputs_embeds)
+        x = x * mask.unsqueeze(-1).to(x.dtype)
+        return self.dropout(x)
+
+
+class DisentangledSelfAttention(nn.Module):
+    """Attention with content->content, content->position and position->content scores
+    (DeBERTa eq. 4), scaled by 1/sqrt(3 d) because three terms are summed."""
+
+    def __init__(self, cfg: DebertaV3Config):
+        super().__init__()
+        self.heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.query_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.value_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.pos_dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.dropout = nn.Dropout(cfg.attention_probs_dropout_prob)
+        self.scale = 1.0 / math.sqrt(self.head_dim * 3)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., n, H) -> (..., heads, n, d)"""
+        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(-2, -3)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, L, H)
+        key_mask: torch.Tensor,  # (B, L) bool, True = attend
+        rel_index: torch.Tensor,  # (L, L) long
+        rel_embeddings: torch.Tensor,  # (2k, H)
+    ) -> torch.Tensor:
+        q = self._split(self.query_proj(x)) * self.scale  # (B, heads, L, d)
+        k = self._split(self.key_proj(x))  # (B, heads, L, d)
+        v = self._split(self.value_proj(x))  # (B, heads, L, d)
+        # share_att_key: positions go through the same query/key projections as content
+        rel = self.pos_dropout(rel_embeddings)
+        pos_q = self._split(self.query_proj(rel)) * self.scale  # (heads, 2k, d)
+        pos_k = self._split(self.key_proj(rel))  # (heads, 2k, d)
+
+        scores = q @ k.transpose(-1, -2)  # c2c: (B, heads, L, L)
+        # c2p: query i against the key position delta(i, j)
+        c2p = q @ pos_k.transpose(-1, -2)  # (B, heads, L, 2k)
+        scores = scores + c2p.gather(-1, rel_index.expand(*c2p.shape[:2], -1, -1))
+        # p2c: key j against the query position delta(i, j); gathered per key, then transposed
+        p2c = k @ pos_q.transpose(-1, -2)  # (B, heads, L, 2k)
+        p2c = p2c.gather(-1, rel_index.T.expand(*p2c.shape[:2], -1, -1)).transpose(-1, -2)
+        scores = scores + p2c  # (B, heads, L, L)
+
+        scores = scores.masked_fill(~key_mask[:, None, None, :], torch.finfo(scores.dtype).min)
+        probs = self.dropout(scores.softmax(dim=-1))
+        ctx = probs @ v  # (B, heads, L, d)
+        return ctx.transpose(1, 2).flatten(2)  # (B, L, H)
+
+
+class DenseResidualNorm(nn.Module):
+    """dense -> dropout -> LayerNorm(. + residual); HF `SelfOutput` and `Output`."""
+
+    def __init__(self, cfg: DebertaV3Config, in_features: int):
+        super().__init__()
+        self.dense = nn.Linear(in_features, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DebertaV3Config):
+        super().__init__()
+        self.self = DisentangledSelfAttention(cfg)
+        self.output = DenseResidualNorm(cfg, cfg.hidden_size)
+
+    def forward(self, x, key_mask, rel_index, rel_embeddings):
+        return self.output(self.self(x, key_mask, rel_index, rel_embeddings), x)
+
+
+class Intermediate(nn.Module):
+    def __init__(self, cfg: DebertaV3Config):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.dense(x))  # (B, L, I)
+
+
+class Layer(nn.Module):
+    """Post-LN transformer layer: attention block, then feed-forward block."""
+
+    def __init__(self, cfg: DebertaV3Config):
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.intermediate = Intermediate(cfg)
+        self.output = DenseResidualNorm(cfg, cfg.intermediate_size)
+
+    def forward(self, x, key_mask, rel_index, rel_embeddings):
+        h = self.attention(x, key_mask, rel_index, rel_embeddings)  # (B, L, H)
+        return self.output(self.intermediate(h), h)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: DebertaV3Config):
+        super().__init__()
+        self.cfg = cfg
+        self.layer = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.rel_embeddings = RelativeEmbedding(2 * cfg.position_buckets, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # norm_rel_ebd
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        rel_embeddings = self.LayerNorm(self.rel_embeddings())  # (2k, H)
+        rel_index = relative_position_index(x.shape[1], self.cfg, x.device)  # (L, L)
+        use_ckpt = self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.layer:
+            if use_ckpt:
+                x = checkpoint(layer, x, key_mask, rel_index, rel_embeddings, use_reentrant=False)
+            else:
+                x = layer(x, key_mask, rel_index, rel_embeddings)
+        return x
+
+
+class DebertaV3Backbone(nn.Module):
+    """Embeddings + encoder; `state_dict()` keys equal `transformers.DebertaV2Model`'s.
+
+    `with_word_embeddings=False` builds it without a token table (RTD `es` sharing): then
+    `forward` must be given `inputs_embeds`.
+    """
+
+    def __init__(self, cfg: DebertaV3Config, with_word_embeddings: bool = True):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = Embeddings(cfg, with_word_embeddings)
+        self.encoder = Encoder(cfg)
+        self.apply(lambda m: init_weights(m, cfg.initializer_range))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,  # (B, L)
+        attention_mask: torch.Tensor | None = None,  # (B, L) 1 = token, 0 = pad; None = all 1
+        inputs_embeds: torch.Tensor | None = None,  # (B, L, H) instead of input_ids
+    ) -> torch.Tensor:
+        """Last hidden states (B, L, H)."""
+        ref = input_ids if input_ids is not None else inputs_embeds
+        if ref is None:
+            raise ValueError("pass input_ids or inputs_embeds")
+        if attention_mask is None:
+            attention_mask = torch.ones(ref.shape[:2], dtype=torch.bool, device=ref.device)
+        key_mask = attention_mask.bool()
+        x = self.embeddings(input_ids, key_mask, inputs_embeds)  # (B, L, H)
+        return self.encoder(x, key_mask)

@@ -1,0 +1,247 @@
+"""ELECTRA-style replaced token detection with gradient-disentangled embedding sharing.
+
+He, Gao, Chen, "DeBERTaV3: Improving DeBERTa using ELECTRA-Style Pre-Training with
+Gradient-Disentangled Embedding Sharing", arXiv 2111.09543, sections 3-4:
+a generator (masked LM, half the discriminator's depth) fills in masked tokens, a
+discriminator tells every token replaced or original; loss = L_MLM + lambda * L_RTD.
+
+Embedding sharing (`sharing`) and where the tables live:
+- "gdes" (default, eq. 5): E_D = sg(E_G) + E_delta. `generator.deberta.embeddings.word_embeddings`
+  holds E_G; `discriminator.embeddings.word_embeddings` holds E_delta, initialised to zero.
+- "es": E_D = E_G; the discriminator has no word embedding of its own (both losses update E_G).
+- "nes": two independent tables, each in its own backbone.
+The discriminator's token embedding is computed as `E_G_module(ids).detach() + E_delta_module(ids)`
+(lookup is linear), each a call of the module owning the table, so it is correct under ZeRO-3
+where a module's parameters exist only while its forward runs. `hf_state_dicts` writes
+E_D = E_G + E_delta as the exported discriminator embedding.
+
+Shape legend: B batch, L sequence length, H hidden size, N masked tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.backbone import DebertaV3Backbone
+from model.config import DebertaV3Config
+from model.heads import MLMHead, RTDHead
+
+SHARING_MODES = ("gdes", "es", "nes")
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Token ids of the tokenizer. `vocab_size` is the tokenizer's real size (<= the model's
+    rounded vocabulary); ids >= vocab_size are padding rows, never sampled."""
+
+    pad_id: int
+    cls_id: int
+    sep_id: int
+    unk_id: int
+    mask_id: int
+    vocab_size: int
+
+    @property
+    def ids(self) -> tuple[int, ...]:
+        """Ids never masked and never sampled as replacements."""
+        return (self.pad_id, self.cls_id, self.sep_id, self.unk_id, self.mask_id)
+
+    def __post_init__(self) -> None:
+        bad = [i for i in self.ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"special token ids {bad} are outside [0, {self.vocab_size})")
+
+
+@dataclass
+class RTDOutput:
+    """Losses and metrics of one RTD step; every field is a 0-dim tensor."""
+
+    loss: torch.Tensor  # mlm_loss + rtd_weight * rtd_loss
+    mlm_loss: torch.Tensor  # generator cross-entropy, mean over masked tokens
+    rtd_loss: torch.Tensor  # discriminator BCE, mean over non-pad tokens
+    gen_acc: torch.Tensor  # generator argmax == original, over masked tokens
+    disc_acc: torch.Tensor  # discriminator (logit > 0) == label, over non-pad tokens
+    disc_precision: torch.Tensor  # of tokens predicted replaced, fraction truly replaced
+    disc_recall: torch.Tensor  # of replaced tokens, fraction predicted replaced
+    replaced_frac: torch.Tensor  # num_replaced / num_tokens
+    num_masked: torch.Tensor
+    num_tokens: torch.Tensor  # non-pad tokens
+    num_replaced: torch.Tensor
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class MaskedLMGenerator(nn.Module):
+    """Backbone + tied MLM head; parameter names of HF `DebertaV2ForMaskedLM` (legacy)."""
+
+    def __init__(self, cfg: DebertaV3Config):
+        super().__init__()
+        self.deberta = DebertaV3Backbone(cfg)
+        self.cls = MLMHead(cfg)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, L)
+        attention_mask: torch.Tensor,  # (B, L)
+        masked: torch.Tensor,  # (B, L) bool
+    ) -> torch.Tensor:
+        """Vocabulary logits at masked positions only (N, V), in row-major order of `masked`:
+        the full-vocabulary head over every token would be most of the step's FLOPs."""
+        h = self.deberta(input_ids, attention_mask)  # (B, L, H)
+        return self.cls(h[masked], self.deberta.embeddings.word_embeddings)  # (N, V)
+
+
+class RTDModel(nn.Module):
+    """Generator + discriminator + RTD head; `forward` runs one RTD training step's losses."""
+
+    def __init__(
+        self,
+        cfg: DebertaV3Config,
+        special: SpecialTokens,
+        sharing: str = "gdes",
+        mask_prob: float = 0.15,
+        rtd_weight: float = 50.0,
+    ):
+        super().__init__()
+        if sharing not in SHARING_MODES:
+            raise ValueError(
+                f"unknown sharing mode {sharing!r}; choices: {', '.join(SHARING_MODES)}"
+            )
+        if special.vocab_size > cfg.vocab_size:
+            raise ValueError(
+                f"tokenizer vocab_size {special.vocab_size} > model vocab_size {cfg.vocab_size}"
+            )
+        if special.pad_id != cfg.pad_token_id:
+            raise ValueError(
+                f"special.pad_id {special.pad_id} != cfg.pad_token_id {cfg.pad_token_id}"
+            )
+        if not 0.0 < mask_prob < 1.0:
+            raise ValueError(f"mask_prob must be in (0, 1), got {mask_prob}")
+        self.config, self.special, self.sharing = cfg, special, sharing
+        self.mask_prob, self.rtd_weight = mask_prob, rtd_weight
+        self.generator = MaskedLMGenerator(cfg.generator_config())
+        self.discriminator = DebertaV3Backbone(cfg, with_word_embeddings=sharing != "es")
+        if sharing == "gdes":
+            nn.init.zeros_(self.discriminator.embeddings.word_embeddings.weight)  # E_delta = 0
+        self.rtd_head = RTDHead(cfg)
+        # token ids never sampled: specials and the rows beyond the tokenizer's vocabulary
+        banned = torch.zeros(cfg.vocab_size, dtype=torch.bool)
+        banned[list(special.ids)] = True
+        banned[special.vocab_size :] = True
+        self.register_buffer("banned_ids", banned, persistent=False)
+
+    # -- the four steps of RTD ----------------------------------------------------------
+    def mask_tokens(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        """Bernoulli(mask_prob) over non-special, non-pad tokens: (B, L) bool."""
+        candidates = attention_mask.bool() & ~self.banned_ids[input_ids]
+        u = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+        return candidates & (u < self.mask_prob)
+
+    @torch.no_grad()
+    def sample_replacements(self, logits: torch.Tensor, generator: torch.Generator | None):
+        """One sample per row from softmax(logits) (temperature 1), banned ids excluded: (N,)."""
+        logits = logits.float().masked_fill(self.banned_ids, float("-inf"))
+        if logits.shape[0] == 0:
+            return torch.zeros(0, dtype=torch.long, device=logits.device)
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+    def discriminator_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        """The discriminator's token embeddings (B, L, H) under the sharing mode."""
+        e_g = self.generator.deberta.embeddings.word_embeddings
+        if self.sharing == "es":
+            return e_g(ids)
+        own = self.discriminator.embeddings.word_embeddings(ids)
+        if self.sharing == "gdes":
+            return e_g(ids).detach() + own  # sg(E_G) + E_delta
+        return own
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, L)
+        attention_mask: torch.Tensor | None = None,  # (B, L); None = input_ids != pad_id
+        generator: torch.Generator | None = None,
+    ) -> RTDOutput:
+        if attention_mask is None:
+            attention_mask = input_ids != self.special.pad_id
+        attention_mask = attention_mask.bool()
+        # 1. mask
+        masked = self.mask_tokens(input_ids, attention_mask, generator)  # (B, L)
+        gen_ids = input_ids.masked_fill(masked, self.special.mask_id)
+        # 2. generator MLM loss at masked positions
+        logits = self.generator(gen_ids, attention_mask, masked)  # (N, V)
+        targets = input_ids[masked]  # (N,)
+        mlm_loss = F.cross_entropy(logits.float(), targets, reduction="sum") / max(len(targets), 1)
+        # 3. sample replacements (no gradient), 4. label: replaced unless sample == original
+        samples = self.sample_replacements(logits.detach(), generator)  # (N,)
+        disc_ids = input_ids.masked_scatter(masked, samples)  # (B, L)
+        replaced = disc_ids != input_ids  # (B, L) bool
+        # 5. discriminator RTD loss over non-pad tokens
+        h = self.discriminator(
+            attention_mask=attention_mask, inputs_embeds=self.discriminator_embeddings(disc_ids)
+        )  # (B, L, H)
+        rtd_logits = self.rtd_head(h)[attention_mask].float()  # (T,)
+        rtd_labels = replaced[attention_mask]  # (T,)
+        rtd_loss = F.binary_cross_entropy_with_logits(rtd_logits, rtd_labels.float())
+        loss = mlm_loss + self.rtd_weight * rtd_loss
+        return self._metrics(loss, mlm_loss, rtd_loss, logits, targets, rtd_logits, rtd_labels)
+
+    @torch.no_grad()
+    def _metrics(self, loss, mlm_loss, rtd_loss, logits, targets, rtd_logits, rtd_labels):
+        num_masked, num_tokens = torch.tensor(targets.numel()), torch.tensor(rtd_labels.numel())
+        pred = rtd_logits > 0
+        tp = (pred & rtd_labels).sum()
+        num_replaced = rtd_labels.sum()
+        return RTDOutput(
+            loss=loss,
+            mlm_loss=mlm_loss,
+            rtd_loss=rtd_loss,
+            gen_acc=_ratio((logits.argmax(-1) == targets).sum(), num_masked),
+            disc_acc=_ratio((pred == rtd_labels).sum(), num_tokens),
+            disc_precision=_ratio(tp, pred.sum()),
+            disc_recall=_ratio(tp, num_replaced),
+            replaced_frac=_ratio(num_replaced, num_tokens),
+            num_masked=num_masked.to(loss.device),
+            num_tokens=num_tokens.to(loss.device),
+            num_replaced=num_replaced,
+        )
+
+    # -- export -------------------------------------------------------------------------
+    def hf_state_dicts(
+        self, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """Split a full (consolidated) RTDModel state dict into Hugging Face state dicts:
+        "discriminator" (DebertaV2Model keys, word embedding E_D), "rtd_head" (this
+        package's RTDHead keys) and "generator" (DebertaV2ForMaskedLM legacy keys, with the
+        tied `cls.predictions.decoder.{weight,bias}` spelled out so it loads strictly)."""
+        sd = self.state_dict() if state_dict is None else state_dict
+        parts = {"discriminator": {}, "rtd_head": {}, "generator": {}}
+        for key, value in sd.items():
+            prefix, _, rest = key.partition(".")
+            if prefix not in parts:
+                raise KeyError(f"unexpected key {key!r} in RTDModel state dict")
+            parts[prefix][rest] = value
+        word = "embeddings.word_embeddings.weight"
+        gen = parts["generator"]
+        e_g = gen[f"deberta.{word}"]
+        gen["cls.predictions.decoder.weight"] = e_g
+        gen["cls.predictions.decoder.bias"] = gen["cls.predictions.bias"]
+        disc = parts["discriminator"]
+        if self.sharing == "gdes":
+            disc[word] = e_g + disc[word]  # E_D = E_G + E_delta
+        elif self.sharing == "es":
+            disc[word] = e_g.clone()
+        return parts
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    return num.float() / den.clamp(min=1).float().to(num.device)
