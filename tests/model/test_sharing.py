@@ -1,0 +1,87 @@
+"""Embedding sharing (arXiv 2111.09543 section 4): which loss reaches which table.
+
+gdes: E_D = sg(E_G) + E_delta; es: E_D = E_G; nes: independent tables.
+"""
+
+import pytest
+import torch
+
+from model import RTDModel
+from tests.model.conftest import SPECIAL, make_batch
+
+
+def e_g(model):
+    return model.generator.deberta.embeddings.word_embeddings.weight
+
+
+def e_disc(model):
+    return model.discriminator.embeddings.word_embeddings.weight
+
+
+def grad_after(model, which: str) -> None:
+    """Backpropagate only `which` ("mlm_loss" or "rtd_loss") of one seeded step."""
+    model.zero_grad(set_to_none=True)
+    ids, mask = make_batch(4, 48, pad_from=30)
+    out = model(ids, mask, generator=torch.Generator().manual_seed(0))
+    assert out.num_masked > 0 and out.num_replaced > 0
+    getattr(out, which).backward()
+
+
+def has_grad(p: torch.Tensor) -> bool:
+    return p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_gdes_rtd_loss_never_reaches_generator_embedding(cfg):
+    model = RTDModel(cfg, SPECIAL, sharing="gdes")
+    grad_after(model, "rtd_loss")
+    assert not has_grad(e_g(model))
+    assert has_grad(e_disc(model))  # E_delta learns from RTD
+
+
+def test_gdes_mlm_loss_never_reaches_delta(cfg):
+    model = RTDModel(cfg, SPECIAL, sharing="gdes")
+    grad_after(model, "mlm_loss")
+    assert has_grad(e_g(model))
+    assert not has_grad(e_disc(model))
+
+
+def test_gdes_at_init_discriminator_embedding_equals_generator(cfg):
+    model = RTDModel(cfg, SPECIAL, sharing="gdes")
+    assert torch.count_nonzero(e_disc(model)) == 0  # E_delta = 0
+    exported = model.hf_state_dicts()
+    key = "embeddings.word_embeddings.weight"
+    assert torch.equal(exported["discriminator"][key], exported["generator"][f"deberta.{key}"])
+    ids, _ = make_batch(2, 16)
+    assert torch.equal(model.discriminator_embeddings(ids), e_g(model)[ids])
+
+
+@pytest.mark.parametrize("which", ["mlm_loss", "rtd_loss"])
+def test_es_both_losses_reach_generator_embedding(cfg, which):
+    model = RTDModel(cfg, SPECIAL, sharing="es")
+    assert model.discriminator.embeddings.word_embeddings is None
+    grad_after(model, which)
+    assert has_grad(e_g(model))
+
+
+def test_nes_two_independent_tables(cfg):
+    model = RTDModel(cfg, SPECIAL, sharing="nes")
+    assert e_g(model).data_ptr() != e_disc(model).data_ptr()
+    assert not torch.equal(e_g(model), e_disc(model))
+    grad_after(model, "rtd_loss")
+    assert has_grad(e_disc(model)) and not has_grad(e_g(model))
+    grad_after(model, "mlm_loss")
+    assert has_grad(e_g(model)) and not has_grad(e_disc(model))
+
+
+def test_gdes_export_writes_sum(cfg):
+    model = RTDModel(cfg, SPECIAL, sharing="gdes")
+    with torch.no_grad():
+        e_disc(model).fill_(0.5)
+    key = "embeddings.word_embeddings.weight"
+    exported = model.hf_state_dicts()["discriminator"][key]
+    torch.testing.assert_close(exported, e_g(model) + 0.5)
+
+
+def test_bad_sharing_mode_names_value_and_choices(cfg):
+    with pytest.raises(ValueError, match=r"unknown sharing mode 'shared'; choices: gdes, es, nes"):
+        RTDModel(cfg, SPECIAL, sharing="shared")
