@@ -1,0 +1,235 @@
+"""Streaming reader for CC100-style corpora.
+
+Format: one file per language, named ``{lang}.txt``, ``{lang}.txt.xz`` or ``{lang}.txt.gz``
+(``en.txt.xz``, ``zh-Hans.txt.xz``, ``hi_rom.txt.xz``); one paragraph per line; an empty line
+ends a document. Files are read line by line and never held in memory.
+
+Nothing here assumes the text is clean. Every repair is counted in `ReadStats`:
+- invalid UTF-8 bytes are replaced by U+FFFD (`invalid_utf8_lines`),
+- blank runs (empty documents, blank lines at the start of a file) are skipped
+  (`empty_documents`),
+- a paragraph longer than `max_paragraph_chars` is split at a space near the limit
+  (`split_paragraphs`; a line with no newline for gigabytes is read in bounded pieces),
+- literal special-token strings such as ``[CLS]`` are defused to ``[ CLS]`` so that text can
+  never inject control tokens (`special_literals`).
+What cannot be repaired (a binary file, a truncated or corrupt .xz/.gz) raises `CorpusError`
+naming the file and how far reading got.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import gzip
+import lzma
+import os
+import re
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+_SUFFIXES = {".txt": "plain", ".txt.xz": "xz", ".txt.gz": "gz"}
+_LANG_RE = re.compile(r"^[A-Za-z]{2,3}([_-][A-Za-z0-9]+)*$")
+_SPECIAL_LITERAL_RE = re.compile(r"\[(CLS|SEP|PAD|UNK|MASK)\]")
+DEFAULT_MAX_PARAGRAPH_CHARS = 20_000
+
+
+class CorpusError(ValueError):
+    """An input that cannot be read or repaired; the message names the file."""
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: Path
+    language: str
+    compression: str  # "plain" | "xz" | "gz"
+
+    @property
+    def size(self) -> int:
+        return self.path.stat().st_size
+
+
+@dataclass
+class ReadStats:
+    """Per-file counters; `merge` adds another file's counts (same language)."""
+
+    documents: int = 0
+    paragraphs: int = 0
+    chars: int = 0
+    empty_documents: int = 0
+    invalid_utf8_lines: int = 0
+    split_paragraphs: int = 0
+    special_literals: int = 0
+
+    def merge(self, other: ReadStats) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+def parse_input_name(path: Path) -> InputFile:
+    """Language and compression from the file name, or `CorpusError`."""
+    name = path.name
+    for suffix, compression in sorted(_SUFFIXES.items(), key=lambda kv: -len(kv[0])):
+        if name.endswith(suffix):
+            lang = name[: -len(suffix)]
+            if not _LANG_RE.match(lang):
+                raise CorpusError(
+                    f"{path}: cannot read a language code from the file name "
+                    f"(expected e.g. en.txt.xz, zh-Hans.txt.xz, hi_rom.txt.xz)"
+                )
+            return InputFile(path=path, language=lang, compression=compression)
+    raise CorpusError(
+        f"{path}: unknown file extension; expected one of {', '.join(sorted(_SUFFIXES))} "
+        f"(named {{lang}}.txt[.xz|.gz])"
+    )
+
+
+def discover_inputs(specs: Iterable[str | os.PathLike]) -> list[InputFile]:
+    """Expand files, directories (their non-hidden files) and globs into input files.
+
+    Everything is checked before any work starts: a spec matching nothing, an unknown
+    extension, two files for one language and an empty input set are all errors.
+    """
+    paths: list[Path] = []
+    for spec in specs:
+        spec = str(spec)
+        p = Path(spec)
+        if p.is_dir():
+            found = sorted(c for c in p.iterdir() if c.is_file() and not c.name.startswith("."))
+            if not found:
+                raise CorpusError(f"{spec}: directory has no input files")
+            paths.extend(found)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            matched = sorted(Path(m) for m in glob.glob(spec) if Path(m).is_file())
+            if not matched:
+                raise CorpusError(f"{spec}: no such file, directory or matching glob")
+            paths.extend(matched)
+    if not paths:
+        raise CorpusError("no input files given (empty input set)")
+    inputs = [parse_input_name(p) for p in paths]
+    by_lang: dict[str, InputFile] = {}
+    for inp in inputs:
+        if inp.language in by_lang and by_lang[inp.language].path.resolve() != inp.path.resolve():
+            raise CorpusError(
+                f"two input files for language {inp.language!r}: "
+                f"{by_lang[inp.language].path} and {inp.path}"
+            )
+        by_lang[inp.language] = inp
+    return [by_lang[lang] for lang in sorted(by_lang)]
+
+
+def _open_binary(inp: InputFile):
+    if inp.compression == "xz":
+        return lzma.open(inp.path, "rb")
+    if inp.compression == "gz":
+        return gzip.open(inp.path, "rb")
+    return open(inp.path, "rb")
+
+
+def _split_long(text: str, limit: int) -> list[str]:
+    """Split at the last space in the final fifth of each window, else hard at the limit."""
+    pieces = []
+    while len(text) > limit:
+        cut = text.rfind(" ", limit - limit // 5, limit)
+        cut = limit if cut <= 0 else cut
+        pieces.append(text[:cut].strip())
+        text = text[cut:].strip()
+    pieces.append(text)
+    return [p for p in pieces if p]
+
+
+def _raw_lines(f, max_bytes: int) -> Iterator[tuple[bytes, bool]]:
+    """(line bytes without newline, is_continuation); lines over max_bytes come in pieces,
+    cut at a UTF-8 character boundary."""
+    carry = b""
+    continuation = False
+    while True:
+        chunk = f.readline(max_bytes)
+        if not chunk:
+            if carry:
+                yield carry, continuation
+            return
+        chunk = carry + chunk
+        carry = b""
+        if chunk.endswith(b"\n"):
+            yield chunk.rstrip(b"\r\n"), continuation
+            continuation = False
+            continue
+        # partial line: keep an incomplete trailing UTF-8 sequence for the next piece
+        cut = len(chunk)
+        back = 0
+        while back < 3 and cut - back - 1 >= 0 and (chunk[cut - back - 1] & 0xC0) == 0x80:
+            back += 1
+        if cut - back - 1 >= 0 and chunk[cut - back - 1] >= 0xC0:
+            cut = cut - back - 1
+        carry = chunk[cut:]
+        yield chunk[:cut], continuation
+        continuation = True
+
+
+def read_documents(
+    inp: InputFile,
+    stats: ReadStats,
+    max_paragraph_chars: int = DEFAULT_MAX_PARAGRAPH_CHARS,
+) -> Iterator[list[str]]:
+    """Yield documents (lists of non-empty paragraphs) of one file, counting repairs in stats."""
+    lines_read = 0
+    doc: list[str] = []
+    blank_run = 1  # a blank run at the start of the file is an empty document too
+    pending_split = False
+    try:
+        with _open_binary(inp) as f:
+            for raw, continuation in _raw_lines(f, 4 * max_paragraph_chars + 4):
+                if not continuation:
+                    lines_read += 1
+                if b"\x00" in raw:
+                    raise CorpusError(
+                        f"{inp.path}: looks like a binary file (NUL byte on line {lines_read}); "
+                        "expected UTF-8 text, one paragraph per line"
+                    )
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    text = raw.decode("utf-8", errors="replace")
+                    stats.invalid_utf8_lines += 1
+                text = text.strip()
+                if not text:
+                    if continuation:
+                        continue
+                    if doc:
+                        stats.documents += 1
+                        yield doc
+                        doc = []
+                        blank_run = 0
+                    blank_run += 1
+                    if blank_run == 2:
+                        stats.empty_documents += 1
+                    continue
+                blank_run = 0
+                text, n = _SPECIAL_LITERAL_RE.subn(r"[ \1]", text)
+                stats.special_literals += n
+                if continuation and not pending_split:
+                    stats.split_paragraphs += 1
+                pending_split = continuation
+                pieces = _split_long(text, max_paragraph_chars)
+                if len(pieces) > 1 and not continuation:
+                    stats.split_paragraphs += 1
+                    pending_split = True
+                stats.paragraphs += len(pieces)
+                stats.chars += sum(len(p) for p in pieces)
+                doc.extend(pieces)
+            if doc:
+                stats.documents += 1
+                yield doc
+    except (EOFError, lzma.LZMAError, zlib.error, gzip.BadGzipFile, OSError) as e:
+        kind = "truncated" if isinstance(e, EOFError) else "corrupt or unreadable"
+        raise CorpusError(
+            f"{inp.path}: {kind} {inp.compression} input after {lines_read} lines "
+            f"({stats.documents} documents): {e}"
+        ) from e
