@@ -13,10 +13,13 @@ positions are identical; outputs at pad positions differ and are never used.
 
 ZeRO-3 rule followed throughout: a parameter is read only inside the `forward` of the module
 that owns it (DeepSpeed gathers a module's parameters only while its forward runs), hence
-`RelativeEmbedding.forward()` and `WordEmbedding.forward(x, transpose=True)`.
+the relative table is looked up by row ids and the tied MLM output layer is
+`WordEmbedding.forward(x, transpose=True)`. Only the rows of the relative table that the
+sequence length can reach are projected (`relative_window`).
 
 Shape legend: B batch, L sequence length, H hidden size, heads attention heads,
-d head dim (H / heads), k position buckets (the relative table has 2k rows), V vocabulary.
+d head dim (H / heads), k position buckets (the relative table has 2k rows), S rows of it
+reachable at length L (2L - 1 up to L = k/2 + 1, at most 2k), V vocabulary.
 """
 
 from __future__ import annotations
@@ -58,14 +61,23 @@ def log_bucket_position(rel: torch.Tensor, bucket_size: int, max_position: int) 
     return torch.where(rel.abs() <= mid, rel, log_pos.long() * rel.sign())
 
 
+def relative_window(seq_len: int, cfg: DebertaV3Config) -> tuple[int, int]:
+    """Rows [lo, hi) of the 2k relative table that a length-L sequence can reach; the rest
+    would only produce c2p/p2c columns that are never gathered."""
+    k = cfg.position_buckets
+    far = int(log_bucket_position(torch.tensor(seq_len - 1), k, cfg.max_relative))
+    return max(k - far, 0), min(k + far, 2 * k - 1) + 1
+
+
 def relative_position_index(
     seq_len: int, cfg: DebertaV3Config, device: torch.device
 ) -> torch.Tensor:
-    """Row index into the 2k relative embeddings for every (query i, key j): (L, L)."""
+    """Row of the relative window (see `relative_window`) for every (query i, key j): (L, L)."""
     pos = torch.arange(seq_len, device=device)
     rel = log_bucket_position(pos[:, None] - pos[None, :], cfg.position_buckets, cfg.max_relative)
     k = cfg.position_buckets
-    return (rel + k).clamp(0, 2 * k - 1)  # (L, L)
+    lo, _ = relative_window(seq_len, cfg)
+    return (rel + k).clamp(0, 2 * k - 1) - lo  # (L, L)
 
 
 class WordEmbedding(nn.Embedding):
@@ -76,13 +88,6 @@ class WordEmbedding(nn.Embedding):
         if transpose:
             return F.linear(x, self.weight)  # (..., H) -> (..., V)
         return super().forward(x)  # (...,) -> (..., H)
-
-
-class RelativeEmbedding(nn.Embedding):
-    """The 2k relative position embeddings; `forward()` returns the table (2k, H)."""
-
-    def forward(self) -> torch.Tensor:  # type: ignore[override]
-        return self.weight
 
 
 class Embeddings(nn.Module):
@@ -138,27 +143,26 @@ class DisentangledSelfAttention(nn.Module):
         self,
         x: torch.Tensor,  # (B, L, H)
         key_mask: torch.Tensor,  # (B, L) bool, True = attend
-        rel_index: torch.Tensor,  # (L, L) long
-        rel_embeddings: torch.Tensor,  # (2k, H)
+        rel_index: torch.Tensor,  # (L, L) long, rows of rel_embeddings
+        rel_embeddings: torch.Tensor,  # (S, H) reachable window of the 2k table
     ) -> torch.Tensor:
         q = self._split(self.query_proj(x)) * self.scale  # (B, heads, L, d)
         k = self._split(self.key_proj(x))  # (B, heads, L, d)
         v = self._split(self.value_proj(x))  # (B, heads, L, d)
         # share_att_key: positions go through the same query/key projections as content
         rel = self.pos_dropout(rel_embeddings)
-        pos_q = self._split(self.query_proj(rel)) * self.scale  # (heads, 2k, d)
-        pos_k = self._split(self.key_proj(rel))  # (heads, 2k, d)
+        pos_q = self._split(self.query_proj(rel)) * self.scale  # (heads, S, d)
+        pos_k = self._split(self.key_proj(rel))  # (heads, S, d)
 
         scores = q @ k.transpose(-1, -2)  # c2c: (B, heads, L, L)
         # c2p: query i against the key position delta(i, j)
-        c2p = q @ pos_k.transpose(-1, -2)  # (B, heads, L, 2k)
-        scores = scores + c2p.gather(-1, rel_index.expand(*c2p.shape[:2], -1, -1))
+        c2p = q @ pos_k.transpose(-1, -2)  # (B, heads, L, S)
+        scores += c2p.gather(-1, rel_index.expand(*c2p.shape[:2], -1, -1))
         # p2c: key j against the query position delta(i, j); gathered per key, then transposed
-        p2c = k @ pos_q.transpose(-1, -2)  # (B, heads, L, 2k)
-        p2c = p2c.gather(-1, rel_index.T.expand(*p2c.shape[:2], -1, -1)).transpose(-1, -2)
-        scores = scores + p2c  # (B, heads, L, L)
+        p2c = k @ pos_q.transpose(-1, -2)  # (B, heads, L, S)
+        scores += p2c.gather(-1, rel_index.T.expand(*p2c.shape[:2], -1, -1)).transpose(-1, -2)
 
-        scores = scores.masked_fill(~key_mask[:, None, None, :], torch.finfo(scores.dtype).min)
+        scores.masked_fill_(~key_mask[:, None, None, :], torch.finfo(scores.dtype).min)
         probs = self.dropout(scores.softmax(dim=-1))
         ctx = probs @ v  # (B, heads, L, d)
         return ctx.transpose(1, 2).flatten(2)  # (B, L, H)
@@ -215,11 +219,13 @@ class Encoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.layer = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.rel_embeddings = RelativeEmbedding(2 * cfg.position_buckets, cfg.hidden_size)
+        self.rel_embeddings = nn.Embedding(2 * cfg.position_buckets, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # norm_rel_ebd
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        rel_embeddings = self.LayerNorm(self.rel_embeddings())  # (2k, H)
+        lo, hi = relative_window(x.shape[1], self.cfg)
+        rows = torch.arange(lo, hi, device=x.device)
+        rel_embeddings = self.LayerNorm(self.rel_embeddings(rows))  # (S, H), norm_rel_ebd
         rel_index = relative_position_index(x.shape[1], self.cfg, x.device)  # (L, L)
         use_ckpt = self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layer:

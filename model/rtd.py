@@ -129,11 +129,14 @@ class RTDModel(nn.Module):
         if sharing == "gdes":
             nn.init.zeros_(self.discriminator.embeddings.word_embeddings.weight)  # E_delta = 0
         self.rtd_head = RTDHead(cfg)
-        # token ids never sampled: specials and the rows beyond the tokenizer's vocabulary
-        banned = torch.zeros(cfg.vocab_size, dtype=torch.bool)
-        banned[list(special.ids)] = True
-        banned[special.vocab_size :] = True
-        self.register_buffer("banned_ids", banned, persistent=False)
+
+    def banned_ids(self, device: torch.device) -> torch.Tensor:
+        """(V,) bool: specials and the rows beyond the tokenizer's vocabulary. Built per call
+        (cheap) rather than held as a buffer, so a model built on the meta device is safe."""
+        banned = torch.zeros(self.config.vocab_size, dtype=torch.bool, device=device)
+        banned[list(self.special.ids)] = True
+        banned[self.special.vocab_size :] = True
+        return banned
 
     # -- the four steps of RTD ----------------------------------------------------------
     def mask_tokens(
@@ -143,14 +146,14 @@ class RTDModel(nn.Module):
         generator: torch.Generator | None,
     ) -> torch.Tensor:
         """Bernoulli(mask_prob) over non-special, non-pad tokens: (B, L) bool."""
-        candidates = attention_mask.bool() & ~self.banned_ids[input_ids]
+        candidates = attention_mask.bool() & ~self.banned_ids(input_ids.device)[input_ids]
         u = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
         return candidates & (u < self.mask_prob)
 
     @torch.no_grad()
     def sample_replacements(self, logits: torch.Tensor, generator: torch.Generator | None):
         """One sample per row from softmax(logits) (temperature 1), banned ids excluded: (N,)."""
-        logits = logits.float().masked_fill(self.banned_ids, float("-inf"))
+        logits = logits.float().masked_fill(self.banned_ids(logits.device), float("-inf"))
         if logits.shape[0] == 0:
             return torch.zeros(0, dtype=torch.long, device=logits.device)
         return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)

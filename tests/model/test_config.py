@@ -8,6 +8,7 @@ import transformers
 from torch.utils.flop_counter import FlopCounterMode
 
 from model import DebertaV3Backbone, DebertaV3Config, RTDModel, round_vocab, rtd_flops_per_sample
+from model.backbone import relative_window
 from tests.model.conftest import SPECIAL, make_batch
 
 # Published, rounded parameter counts (DeBERTaV3 / mDeBERTaV3 model cards, paper Table 2):
@@ -110,8 +111,8 @@ def test_error_messages_name_the_bad_value():
 
 def test_flops_formula_matches_torch_flop_counter(cfg):
     """Forward matmul FLOPs counted by torch = formula / 3 + the per-batch projection of
-    the relative table, which the formula leaves out. position_buckets is set so the whole
-    2k-row table is reachable (2k <= 2L), where formula and implementation agree exactly."""
+    the reachable window of the relative table, which the formula leaves out. Small
+    position_buckets so that L = 64 reaches the log-bucketed part of the table."""
     cfg = dataclasses.replace(cfg, position_buckets=32)
     batch, seq_len = 4, 64
     model = RTDModel(cfg, SPECIAL)
@@ -122,7 +123,8 @@ def test_flops_formula_matches_torch_flop_counter(cfg):
     gcfg = cfg.generator_config()
     expected = batch * rtd_flops_per_sample(cfg, gcfg, seq_len, mask_prob) / 3
     layers = cfg.num_hidden_layers + gcfg.num_hidden_layers
-    expected += layers * 2 * (2 * 2 * cfg.position_buckets * cfg.hidden_size**2)
+    lo, hi = relative_window(seq_len, cfg)
+    expected += layers * 2 * (2 * (hi - lo) * cfg.hidden_size**2)
     assert counter.get_total_flops() == pytest.approx(expected, rel=1e-9)
 
 

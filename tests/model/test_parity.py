@@ -16,6 +16,7 @@ import transformers
 from torch.testing import assert_close
 
 from model import DebertaV3Backbone, RTDModel
+from model.backbone import relative_position_index, relative_window
 from tests.model.conftest import SPECIAL, make_batch
 
 
@@ -111,3 +112,14 @@ def test_exported_discriminator_matches_hf(cfg, sharing):
         theirs = ref(ids, attention_mask=mask).last_hidden_state
     assert_close(ours[keep], theirs[keep], atol=1e-5, rtol=0)
     model.rtd_head.load_state_dict(parts["rtd_head"], strict=True)
+
+
+@pytest.mark.parametrize("seq_len", [1, 7, 128, 129, 300, 512])
+def test_relative_window_is_exactly_the_reachable_rows(cfg, seq_len):
+    """Only reachable rows of the relative table are projected; the index uses all of them."""
+    lo, hi = relative_window(seq_len, cfg)
+    index = relative_position_index(seq_len, cfg, torch.device("cpu"))
+    assert index.min() == 0 and index.max() == hi - lo - 1
+    assert (lo, hi) == {1: (256, 257), 7: (250, 263), 128: (129, 384)}.get(seq_len, (lo, hi))
+    if seq_len == 512:
+        assert (lo, hi) == (1, 512)  # log buckets reach +-255

@@ -144,3 +144,12 @@ def test_tokenizer_larger_than_model_vocab_is_an_error(cfg):
     big = SpecialTokens(pad_id=0, cls_id=1, sep_id=2, unk_id=3, mask_id=4, vocab_size=2000)
     with pytest.raises(ValueError, match="tokenizer vocab_size 2000 > model vocab_size 1024"):
         RTDModel(cfg, big)
+
+
+def test_bf16_autocast_step(model):
+    ids, mask = make_batch(2, 64, pad_from=40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, mask, generator=torch.Generator().manual_seed(0))
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

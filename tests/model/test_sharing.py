@@ -85,3 +85,40 @@ def test_gdes_export_writes_sum(cfg):
 def test_bad_sharing_mode_names_value_and_choices(cfg):
     with pytest.raises(ValueError, match=r"unknown sharing mode 'shared'; choices: gdes, es, nes"):
         RTDModel(cfg, SPECIAL, sharing="shared")
+
+
+@pytest.mark.parametrize("sharing", ["gdes", "es", "nes"])
+def test_parameters_are_read_only_inside_their_own_modules_forward(cfg, sharing):
+    """Mimic ZeRO-3 in the forward pass: every parameter is an empty tensor except while
+    the module that owns it runs. Reading E_G (or any weight) from outside its module, as a
+    naive `E_G.detach() + E_delta` would, breaks this run."""
+    torch.manual_seed(0)
+    model = RTDModel(cfg, SPECIAL, sharing=sharing)
+    ids, mask = make_batch(2, 24, pad_from=16)
+    with torch.no_grad():
+        expected = model(ids, mask, generator=torch.Generator().manual_seed(0))
+    full = {p: p.data for p in model.parameters()}
+
+    def gather(module, _args):
+        for p in module.parameters(recurse=False):
+            p.data = full[p]
+
+    def release(module, _args, _out):
+        for p in module.parameters(recurse=False):
+            p.data = torch.empty(0)
+
+    for module in model.modules():
+        release(module, None, None)
+        module.register_forward_pre_hook(gather)
+        module.register_forward_hook(release)
+    with torch.no_grad():
+        got = model(ids, mask, generator=torch.Generator().manual_seed(0))
+    for name, value in expected.as_dict().items():
+        assert torch.equal(value, getattr(got, name)), name
+    assert all(p.numel() == 0 for p in model.parameters())  # the mimic was active
+
+
+def test_model_builds_on_meta_device(cfg):
+    with torch.device("meta"):
+        model = RTDModel(cfg, SPECIAL)
+    assert all(p.is_meta for p in model.parameters())

@@ -1,0 +1,205 @@
+"""RTD training-step throughput: rtdspeed's `RTDModel` beside the same step built from HF modules.
+
+One RTD step (He, Gao, Chen, arXiv 2111.09543) is masking, generator forward + MLM loss,
+sampling, discriminator forward + RTD loss, and backward of MLM + 50 * RTD, with GDES.
+Both sides run the same step at the xsmall shape (vocab 128100):
+- "ours": `model.RTDModel` (vocabulary logits at masked positions only).
+- "hf": `DebertaV2ForMaskedLM` generator (half depth; its loss computes logits over every
+  token, as HF does) + `DebertaV2Model` discriminator fed sg(E_G) + E_delta + our `RTDHead`.
+
+Each (implementation, shape, precision) runs in its own subprocess so peak RSS is its own.
+MFU = achieved useful FLOP/s (`model.rtd_flops_per_sample`, identical for both sides) over a
+GEMM peak measured here, at the same thread count and precision.
+
+    python benchmarks/rtd_step.py            # 2 warm-up + 4 timed steps per row
+    python benchmarks/rtd_step.py --quick    # 1 warm-up + 1 timed step per row
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model import DebertaV3Config, RTDModel, SpecialTokens, rtd_flops_per_sample
+from model.heads import RTDHead
+
+VOCAB = 128100
+SPECIAL = SpecialTokens(pad_id=0, cls_id=1, sep_id=2, unk_id=3, mask_id=128000, vocab_size=VOCAB)
+SHAPES = [(8, 512), (32, 128)]
+DTYPES = ["fp32", "bf16"]
+MASK_PROB, RTD_WEIGHT = 0.15, 50.0
+
+
+class HFReferenceRTD(nn.Module):
+    """The same RTD step assembled from transformers modules (the baseline)."""
+
+    def __init__(self, cfg: DebertaV3Config, special: SpecialTokens):
+        super().__init__()
+        import transformers
+
+        gen_cfg = transformers.DebertaV2Config(**cfg.generator_config().to_hf_dict())
+        self.generator = transformers.DebertaV2ForMaskedLM(gen_cfg)
+        self.discriminator = transformers.DebertaV2Model(
+            transformers.DebertaV2Config(**cfg.to_hf_dict())
+        )
+        nn.init.zeros_(self.discriminator.embeddings.word_embeddings.weight)  # E_delta
+        self.rtd_head = RTDHead(cfg)
+        self.special = special
+        banned = torch.zeros(cfg.vocab_size, dtype=torch.bool)
+        banned[list(special.ids)] = True
+        banned[special.vocab_size :] = True
+        self.register_buffer("banned", banned, persistent=False)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        candidates = mask.bool() & ~self.banned[ids]
+        masked = candidates & (torch.rand(ids.shape, generator=g) < MASK_PROB)
+        labels = ids.masked_fill(~masked, -100)
+        out = self.generator(ids.masked_fill(masked, self.special.mask_id), mask, labels=labels)
+        with torch.no_grad():
+            probs = out.logits[masked].float().masked_fill(self.banned, float("-inf")).softmax(-1)
+            samples = torch.multinomial(probs, 1, generator=g).squeeze(-1)
+        disc_ids = ids.masked_scatter(masked, samples)
+        e_g = self.generator.deberta.embeddings.word_embeddings(disc_ids).detach()
+        embeds = e_g + self.discriminator.embeddings.word_embeddings(disc_ids)
+        h = self.discriminator(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        keep = mask.bool()
+        rtd = F.binary_cross_entropy_with_logits(
+            self.rtd_head(h)[keep].float(), (disc_ids != ids)[keep].float()
+        )
+        return out.loss + RTD_WEIGHT * rtd
+
+
+def make_batch(batch: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 128000, (batch, seq_len), generator=g)
+    ids[:, 0], ids[:, -1] = SPECIAL.cls_id, SPECIAL.sep_id
+    return ids, torch.ones_like(ids)
+
+
+def worker(impl: str, dtype: str, batch: int, seq_len: int, warmup: int, iters: int) -> dict:
+    """Time fwd+bwd steps of one implementation in this (fresh) process."""
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    cfg = DebertaV3Config.from_preset("xsmall", vocab_size=VOCAB)
+    if impl == "ours":
+        model = RTDModel(cfg, SPECIAL, mask_prob=MASK_PROB, rtd_weight=RTD_WEIGHT)
+
+        def loss_of(ids, mask, g):
+            return model(ids, mask, generator=g).loss
+    else:
+        model = HFReferenceRTD(cfg, SPECIAL)
+        loss_of = model
+    model.train()
+    ids, mask = make_batch(batch, seq_len)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+    g = torch.Generator().manual_seed(0)
+    times = []
+    for step in range(warmup + iters):
+        model.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        with autocast:
+            loss = loss_of(ids, mask, g)
+        loss.backward()
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    step_s = sorted(times)[len(times) // 2]  # median
+    return {
+        "step_s": step_s,
+        "tokens_per_s": batch * seq_len / step_s,
+        "samples_per_s": batch / step_s,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "loss": loss.item(),
+    }
+
+
+def gemm_peak(dtype: str, n: int = 2048, iters: int = 10) -> float:
+    """Best FLOP/s of an n x n x n matmul at 2 threads (the roofline MFU is measured against)."""
+    torch.set_num_threads(2)
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    a, b = torch.randn(n, n, dtype=torch_dtype), torch.randn(n, n, dtype=torch_dtype)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(iters):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def run_subprocess(args: list[str]) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="1 warm-up + 1 timed step per row")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--gemm", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(**json.loads(args.worker))))
+        return
+    if args.gemm:
+        print(json.dumps({"flops": gemm_peak(args.gemm)}))
+        return
+
+    import transformers
+
+    warmup, iters = (1, 1) if args.quick else (2, 4)
+    load = os.getloadavg()
+    peaks = {dt: run_subprocess(["--gemm", dt])["flops"] for dt in DTYPES}
+    cfg = DebertaV3Config.from_preset("xsmall", vocab_size=VOCAB)
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, 2 threads, "
+        f"{warmup} warm-up + {iters} timed steps (median), load average at start {load[0]:.2f}"
+    )
+    gemm = ", ".join(f"{d} {p / 1e9:.0f} GFLOP/s" for d, p in peaks.items())
+    print(f"GEMM peak (2048^3, 2 threads): {gemm}")
+    print()
+    print(
+        "| batch x len | precision | impl | step (s) | tokens/s | ours / hf | MFU | peak RSS (MB) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for batch, seq_len in SHAPES:
+        flops = rtd_flops_per_sample(cfg, cfg.generator_config(), seq_len, MASK_PROB)
+        for dtype in DTYPES:
+            res = {}
+            for impl in ("ours", "hf"):
+                spec = {"impl": impl, "dtype": dtype, "batch": batch, "seq_len": seq_len}
+                spec.update(warmup=warmup, iters=iters)
+                res[impl] = run_subprocess(["--worker", json.dumps(spec)])
+            ratio = res["ours"]["tokens_per_s"] / res["hf"]["tokens_per_s"]
+            for impl, r in res.items():
+                mfu = r["samples_per_s"] * flops / peaks[dtype]
+                shown = f"{ratio:.2f}x" if impl == "ours" else ""
+                print(
+                    f"| {batch} x {seq_len} | {dtype} | {impl} | {r['step_s']:.2f} | "
+                    f"{r['tokens_per_s']:.0f} | {shown} | {mfu:.1%} | {r['peak_rss_mb']:.0f} |",
+                    flush=True,
+                )
+    per_sample = rtd_flops_per_sample(cfg, cfg.generator_config(), 512, MASK_PROB)
+    print(f"\nuseful training FLOPs per 512-token sample: {per_sample / 1e9:.1f} GFLOP")
+
+
+if __name__ == "__main__":
+    main()
