@@ -1,0 +1,97 @@
+"""Shared fixtures: a small corpus, a tokenizer and shards, built once per test session.
+
+All three are built with the real data_pipeline functions (the same code the CLI runs), from
+a subset of the bundled corpus, in about 10 s on one core:
+
+- `small_corpus_dir`: the first ~160 KB of each of the 12 languages of
+  data/cc100-sample, as plain `{lang}.txt` files (CC100 format).
+- `tokenizer_dir`: a directory with `spm.model` (sentencepiece unigram, vocab 2000,
+  [PAD]=0 [CLS]=1 [SEP]=2 [UNK]=3 [MASK]=4) and `tokenizer_meta.json`; load it with
+  `data_pipeline.tokenizer.load_tokenizer_dir(tokenizer_dir)` or Hugging Face's
+  `DebertaV2Tokenizer.from_pretrained(tokenizer_dir)` (same ids).
+- `shards_dir`: Arrow shards + manifest.json at seq_len 128 (`SHARDS_SEQ_LEN`), a few
+  hundred rows per language; open with `data_pipeline.loader.ShardStream(shards_dir)` or
+  `data_pipeline.manifest.load_manifest(shards_dir)`.
+
+They are session-scoped and shared: tests must not modify them (copy first, see
+`copy_shards`).
+"""
+
+from __future__ import annotations
+
+import lzma
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_CORPUS = REPO_ROOT / "data" / "cc100-sample"
+SMALL_CORPUS_BYTES = 160_000
+TOKENIZER_VOCAB = 2000
+SHARDS_SEQ_LEN = 128
+
+
+def run_env() -> dict[str, str]:
+    """Environment for `python -m data_pipeline...` / `python launcher/...` subprocesses."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(
+        os.pathsep
+    )
+    return env
+
+
+PYTHON = sys.executable
+
+
+@pytest.fixture(scope="session")
+def small_corpus_dir(tmp_path_factory) -> Path:
+    """12 plain-text CC100 files ({lang}.txt), the first ~160 KB of each bundled file."""
+    out = tmp_path_factory.mktemp("small_corpus")
+    for src in sorted(SAMPLE_CORPUS.glob("*.txt.xz")):
+        lang = src.name.split(".")[0]
+        with lzma.open(src, "rb") as f:
+            text = f.read(SMALL_CORPUS_BYTES)
+        text = text[: text.rfind(b"\n") + 1]  # whole lines only
+        (out / f"{lang}.txt").write_bytes(text)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, small_corpus_dir) -> Path:
+    """Tokenizer directory (spm.model + tokenizer_meta.json), vocab 2000, DeBERTaV3 ids."""
+    from data_pipeline.train_tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(
+        [str(small_corpus_dir)], out, vocab_size=TOKENIZER_VOCAB, sentences=4000, progress=False
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def shards_dir(tmp_path_factory, small_corpus_dir, tokenizer_dir) -> Path:
+    """Shard directory (manifest.json + {lang}-00000.arrow ...) at seq_len 128, 12 languages."""
+    from data_pipeline.build_shards import build_shards
+
+    out = tmp_path_factory.mktemp("shards")
+    build_shards(
+        [str(small_corpus_dir)],
+        tokenizer_dir,
+        out,
+        seq_len=SHARDS_SEQ_LEN,
+        workers=1,
+        shard_rows=128,
+        progress=False,
+    )
+    return out
+
+
+@pytest.fixture
+def copy_shards(tmp_path, shards_dir):
+    """A private copy of `shards_dir` that a test may damage."""
+    dst = tmp_path / "shards"
+    shutil.copytree(shards_dir, dst)
+    return dst
