@@ -1,0 +1,336 @@
+"""The run config: one typed tree, loaded from a TOML recipe, overridden from the command line.
+
+    python -m launcher.pretrain --config launcher/recipes/demo.toml --train.max_steps=50
+
+Precedence: command line (`--section.key=value` or `--section.key value`) > TOML file >
+dataclass defaults. Unknown sections or keys are errors that name the key. `validate()` runs
+before any process group exists and names the bad field. The resolved config is written to
+`<run_dir>/config.toml`, which `--config` reads back (reproducing a run is one command).
+
+Every value has one home: batch sizes, learning rate, schedule and clipping live here and are
+written into the DeepSpeed config by `launcher.engine`; `ds_configs/*.json` hold engine
+settings only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A bad run config; the message names the field (`section.key`)."""
+
+
+@dataclass
+class RunSection:
+    name: str = "run"  # run directory = output_dir/name
+    output_dir: str = "runs"
+    seed: int = 1234  # data order, masking, sampling, dropout, init
+
+
+@dataclass
+class ModelSection:
+    preset: str = "xsmall"  # a DebertaV3Config preset: tiny, xsmall, ..., mdeberta-large
+    vocab_size: int = 0  # 0: the tokenizer's vocabulary rounded up to a multiple of 128
+    sharing: str = "gdes"  # gdes | es | nes (embedding sharing, paper section 3)
+    mask_prob: float = 0.15
+    rtd_weight: float = 50.0  # lambda in loss = MLM + lambda * RTD
+    dropout: float = 0.1  # hidden and attention dropout
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataSection:
+    shards_dir: str = ""  # data_pipeline.build_shards output (manifest.json + Arrow shards)
+    tokenizer_dir: str = ""  # data_pipeline.train_tokenizer output (spm.model)
+    alpha: float = 0.3  # language sampling q_i ~ n_i^alpha
+
+
+@dataclass
+class TrainSection:
+    global_batch_size: int = 8192  # samples per optimizer step, over all ranks
+    micro_batch_size: int = 32  # samples per forward pass per rank
+    max_steps: int = 500_000
+    max_nonfinite_in_a_row: int = 5  # stop after this many skipped (non-finite) steps in a row
+    # Tests only: steps whose loss is replaced by NaN, to exercise the non-finite guard.
+    inject_nonfinite_steps: list[int] = field(default_factory=list)
+
+
+@dataclass
+class OptimSection:
+    lr: float = 6e-4  # peak learning rate (AdamW)
+    min_lr: float = 0.0  # start of warmup and end of the linear decay
+    warmup_steps: int = 10_000
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    weight_decay: float = 0.01  # not applied to biases and LayerNorm weights
+    grad_clip: float = 1.0  # global gradient norm; 0 disables
+
+
+@dataclass
+class CheckpointSection:
+    every_steps: int = 1000
+    keep_last: int = 3  # complete checkpoints kept; older ones are deleted
+    resume: bool = True  # resume from the newest complete checkpoint in the run dir
+    force_resume: bool = False  # resume even if the data order changed (seed, batch, manifest)
+
+
+@dataclass
+class LogSection:
+    every_steps: int = 10  # console line and TensorBoard scalars
+    tensorboard: bool = True
+    # Peak FLOP/s per rank for MFU; 0: 312e12 on CUDA (A100 bf16 dense), 1e11 on CPU (rough).
+    peak_flops_per_rank: float = 0.0
+
+
+@dataclass
+class DeepSpeedSection:
+    # Engine settings merged left to right (a key set twice with different values is an
+    # error), relative to the repository root unless absolute.
+    configs: list[str] = field(default_factory=lambda: ["ds_configs/zero2.json"])
+
+
+@dataclass
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+# -- loading -------------------------------------------------------------------------------
+def _section_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(where: str, value: Any, typ: Any) -> Any:
+    """Check a TOML value (or parse a command-line string) against the field type."""
+    from_cli = isinstance(value, str) and typ is not str
+    origin = typing.get_origin(typ)
+    try:
+        if origin is list:
+            (item,) = typing.get_args(typ)
+            if isinstance(value, str):
+                value = [v for v in (s.strip() for s in value.split(",")) if v]
+            if not isinstance(value, list):
+                raise TypeError
+            return [_coerce(where, v, item) for v in value]
+        if typ is bool:
+            if from_cli and value.lower() in ("true", "false", "1", "0"):
+                return value.lower() in ("true", "1")
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if typ is int:
+            if from_cli:
+                value = int(value.replace("_", ""))
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError
+            return value
+        if typ is float:
+            if from_cli:
+                value = float(value)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError
+            return float(value)
+        if typ is str:
+            if not isinstance(value, str):
+                raise TypeError
+            return value
+    except (TypeError, ValueError):
+        name = getattr(typ, "__name__", str(typ))
+        raise ConfigError(f"{where}: expected {name}, got {value!r}") from None
+    raise ConfigError(f"{where}: unsupported field type {typ}")
+
+
+def _apply(cfg: RunConfig, where: str, section: str, key: str, value: Any) -> None:
+    sections = _section_types(RunConfig)
+    if section not in sections:
+        raise ConfigError(f"{where}: unknown section {section!r} (sections: {', '.join(sections)})")
+    fields = _section_types(sections[section])
+    if key not in fields:
+        raise ConfigError(
+            f"{where}: unknown key {section}.{key} (keys of [{section}]: {', '.join(fields)})"
+        )
+    setattr(getattr(cfg, section), key, _coerce(f"{section}.{key}", value, fields[key]))
+
+
+def load_toml(cfg: RunConfig, path: str | Path) -> None:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: file not found: {path}")
+    with open(path, "rb") as f:
+        try:
+            doc = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"--config {path}: invalid TOML: {e}") from None
+    for section, body in doc.items():
+        if not isinstance(body, dict):
+            raise ConfigError(f"{path}: top-level key {section!r} must be a [section] table")
+        for key, value in body.items():
+            _apply(cfg, str(path), section, key, value)
+
+
+def parse_args(argv: list[str]) -> RunConfig:
+    """`--config FILE` (optional, first applied) then `--section.key=value` overrides.
+    `--local_rank=N` (added by the deepspeed launcher) is ignored: ranks come from the env."""
+    config_file, overrides, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; use --section.key=value")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"--{name}: missing value")
+            value, i = argv[i + 1], i + 1
+        i += 1
+        if name in ("local_rank", "local-rank"):
+            continue
+        if name == "config":
+            config_file = value
+        elif "." in name:
+            overrides.append((name, value))
+        else:
+            raise ConfigError(f"unknown option --{name}; use --config FILE or --section.key=value")
+    cfg = RunConfig()
+    if config_file:
+        load_toml(cfg, config_file)
+    for name, value in overrides:
+        section, _, key = name.partition(".")
+        _apply(cfg, "command line", section, key, value)
+    return cfg
+
+
+# -- writing -------------------------------------------------------------------------------
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def to_toml(cfg: RunConfig) -> str:
+    lines = ["# Resolved run config (defaults < recipe < command line); --config reads it."]
+    for section, body in cfg.to_dict().items():
+        lines += ["", f"[{section}]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in body.items()]
+    return "\n".join(lines) + "\n"
+
+
+# -- validation ----------------------------------------------------------------------------
+def resolve_path(p: str) -> Path:
+    path = Path(p)
+    return path if path.is_absolute() or path.exists() else REPO_ROOT / path
+
+
+def validate(cfg: RunConfig, world_size: int) -> None:
+    """Check the config before any process group starts; raise ConfigError naming the field."""
+    from model import SHARING_MODES, DebertaV3Config
+
+    m, t, o, c = cfg.model, cfg.train, cfg.optim, cfg.checkpoint
+    if m.preset not in DebertaV3Config.PRESETS:
+        raise ConfigError(
+            f"model.preset={m.preset!r} is not a preset; choices: "
+            f"{', '.join(DebertaV3Config.PRESETS)}"
+        )
+    if m.sharing not in SHARING_MODES:
+        raise ConfigError(f"model.sharing={m.sharing!r}; choices: {', '.join(SHARING_MODES)}")
+    if not 0.0 < m.mask_prob < 1.0:
+        raise ConfigError(f"model.mask_prob={m.mask_prob} must be in (0, 1)")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+    positive = {
+        "train.global_batch_size": t.global_batch_size,
+        "train.micro_batch_size": t.micro_batch_size,
+        "train.max_steps": t.max_steps,
+        "train.max_nonfinite_in_a_row": t.max_nonfinite_in_a_row,
+        "optim.warmup_steps": o.warmup_steps,
+        "checkpoint.every_steps": c.every_steps,
+        "checkpoint.keep_last": c.keep_last,
+        "log.every_steps": cfg.log.every_steps,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{name}={value} must be > 0")
+    per_step = world_size * t.micro_batch_size
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by ranks x "
+            f"train.micro_batch_size = {world_size} x {t.micro_batch_size} = {per_step}"
+        )
+    if not 0.0 <= o.min_lr <= o.lr:
+        raise ConfigError(f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}]")
+    if not (0.0 <= o.beta1 < 1.0 and 0.0 <= o.beta2 < 1.0):
+        raise ConfigError(f"optim.beta1/beta2={o.beta1}/{o.beta2} must be in [0, 1)")
+    if o.grad_clip < 0:
+        raise ConfigError(f"optim.grad_clip={o.grad_clip} must be >= 0")
+    for p in cfg.deepspeed.configs:
+        if not resolve_path(p).is_file():
+            raise ConfigError(f"deepspeed.configs: file not found: {p}")
+    validate_data(cfg)
+
+
+def validate_data(cfg: RunConfig) -> None:
+    """Shards and tokenizer exist, belong together and fit the model's vocabulary."""
+    from data_pipeline.manifest import load_manifest
+    from data_pipeline.tokenizer import load_tokenizer_dir
+    from model import round_vocab
+
+    d = cfg.data
+    for name, value in (("data.shards_dir", d.shards_dir), ("data.tokenizer_dir", d.tokenizer_dir)):
+        if not value:
+            raise ConfigError(f"{name} is not set")
+        if not Path(value).is_dir():
+            raise ConfigError(f"{name}={value!r}: directory not found")
+    if not (Path(d.shards_dir) / "manifest.json").is_file():
+        raise ConfigError(f"data.shards_dir={d.shards_dir!r}: no manifest.json (not a shard dir)")
+    try:
+        tok = load_tokenizer_dir(d.tokenizer_dir)
+    except Exception as e:  # the tokenizer package's own message says what is wrong
+        raise ConfigError(f"data.tokenizer_dir={d.tokenizer_dir!r}: {e}") from None
+    manifest = load_manifest(d.shards_dir)
+    if manifest.tokenizer_sha256 != tok.sha256:
+        raise ConfigError(
+            f"data.shards_dir={d.shards_dir!r} was built with a different tokenizer than "
+            f"data.tokenizer_dir={d.tokenizer_dir!r} (sha256 {manifest.tokenizer_sha256[:12]} "
+            f"!= {tok.sha256[:12]})"
+        )
+    if cfg.model.vocab_size and cfg.model.vocab_size < tok.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} does not fit the tokenizer's "
+            f"{tok.vocab_size} ids (use 0 for round_vocab({tok.vocab_size}) = "
+            f"{round_vocab(tok.vocab_size)})"
+        )
+    if d.alpha <= 0 or d.alpha > 1:
+        raise ConfigError(f"data.alpha={d.alpha} must be in (0, 1]")

@@ -1,0 +1,80 @@
+"""Rank discovery and process-group setup for every launcher.
+
+`discover()` reads only environment variables (no process group yet), so the config can be
+validated against the world size first. Sources, first match wins:
+
+- deepspeed launcher / torchrun: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
+- mpirun (Open MPI, MPICH/PMI): OMPI_COMM_WORLD_* / PMI_*; `init()` then lets DeepSpeed's
+  mpi4py discovery fill in the rest (master address broadcast from rank 0)
+- SLURM srun: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID (MASTER_ADDR/PORT from the sbatch
+  script, default localhost:29500)
+- otherwise a single process (rank 0 of 1)
+
+Backend: nccl on CUDA, gloo on the CPU (DeepSpeed's cpu accelerator).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str  # "env" (deepspeed/torchrun), "mpi", "slurm" or "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _ints(*names: str) -> list[int] | None:
+    if all(n in os.environ for n in names):
+        return [int(os.environ[n]) for n in names]
+    return None
+
+
+def discover() -> DistEnv:
+    if v := _ints("RANK", "WORLD_SIZE"):
+        return DistEnv(v[0], v[1], int(os.environ.get("LOCAL_RANK", 0)), "env")
+    if v := _ints("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"):
+        return DistEnv(v[0], v[1], int(os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)), "mpi")
+    if v := _ints("PMI_RANK", "PMI_SIZE"):
+        return DistEnv(v[0], v[1], int(os.environ.get("MPI_LOCALRANKID", 0)), "mpi")
+    if v := _ints("SLURM_PROCID", "SLURM_NTASKS"):
+        return DistEnv(v[0], v[1], int(os.environ.get("SLURM_LOCALID", 0)), "slurm")
+    return DistEnv(0, 1, 0, "single")
+
+
+def init(env: DistEnv, port: int = 29500) -> None:
+    """Start the process group (also for one process, so the code path is the same)."""
+    import deepspeed
+
+    if env.launcher in ("single", "slurm"):
+        os.environ.update(
+            RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank)
+        )
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(port))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    deepspeed.init_distributed(
+        dist_backend=backend,
+        auto_mpi_discovery=env.launcher == "mpi",
+        distributed_port=port,
+        verbose=False,
+    )
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

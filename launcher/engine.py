@@ -1,0 +1,134 @@
+"""The DeepSpeed engine config and engine, from the run config plus `ds_configs/*.json`.
+
+`ds_configs/*.json` hold engine settings only (ZeRO stage, offload, precision, communication).
+The launcher writes the values the run config owns: batch sizes, the optimizer (AdamW,
+beta2 0.98, eps 1e-6; weight decay off for biases and LayerNorm weights through parameter
+groups), DeepSpeed's WarmupDecayLR schedule (linear warmup then linear decay) and gradient
+clipping. A launcher-owned key that a ds_config also sets to a different value is an error,
+as is a key that two ds_configs set to different values.
+
+Note on DeepSpeed's WarmupDecayLR: step s (0-based) trains with lr(s - 1), where lr(i) is
+`min_lr + (lr - min_lr) * i / warmup_steps` during warmup (lr(-1) = min_lr) and then decays
+linearly to min_lr at `total_num_steps`; so the first two steps use min_lr.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from launcher.config import ConfigError, RunConfig, resolve_path
+
+# Keys of the DeepSpeed config that belong to the run config (their home in the message).
+LAUNCHER_KEYS = {
+    "train_batch_size": "train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size / (ranks x micro_batch_size)",
+    "optimizer": "[optim]",
+    "scheduler": "[optim] (warmup_steps, lr, min_lr) and train.max_steps",
+    "gradient_clipping": "optim.grad_clip",
+}
+
+
+def _merge(into: dict, new: dict, source: str, prefix: str = "") -> None:
+    for key, value in new.items():
+        where = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value, source, where + ".")
+        elif key in into and into[key] != value:
+            raise ConfigError(
+                f"deepspeed.configs: {where} is set to {into[key]!r} and, in {source}, to "
+                f"{value!r}; a value lives in one place"
+            )
+        else:
+            into[key] = value
+
+
+def load_ds_configs(paths: list[str]) -> dict[str, Any]:
+    """Merge the engine-settings files left to right; conflicting values are errors."""
+    merged: dict[str, Any] = {}
+    for p in paths:
+        try:
+            doc = json.loads(resolve_path(p).read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"deepspeed.configs: {p} is not valid JSON: {e}") from None
+        _merge(merged, doc, p)
+    return merged
+
+
+def build_ds_config(cfg: RunConfig, world_size: int, load_universal: bool = False) -> dict:
+    """The full DeepSpeed config: engine settings from ds_configs + the run config's values."""
+    t, o = cfg.train, cfg.optim
+    owned = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.global_batch_size // (world_size * t.micro_batch_size),
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": o.lr,
+                "betas": [o.beta1, o.beta2],
+                "eps": o.eps,
+                "weight_decay": o.weight_decay,
+            },
+        },
+        "scheduler": {
+            "type": "WarmupDecayLR",
+            "params": {
+                "warmup_min_lr": o.min_lr,
+                "warmup_max_lr": o.lr,
+                "warmup_num_steps": o.warmup_steps,
+                "total_num_steps": max(t.max_steps, o.warmup_steps),
+                "warmup_type": "linear",
+            },
+        },
+        "gradient_clipping": o.grad_clip,
+    }
+    engine = load_ds_configs(cfg.deepspeed.configs)
+    for key, value in owned.items():
+        if key in engine and engine[key] != value:
+            raise ConfigError(
+                f"deepspeed.configs sets {key}={engine[key]!r} but the run config gives "
+                f"{value!r} ({LAUNCHER_KEYS[key]}); set it in the run config only"
+            )
+    ds = {**engine, **owned}
+    if load_universal:
+        ds.setdefault("checkpoint", {})["load_universal"] = True
+    return ds
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices (linear and embedding weights) only, not on
+    biases and LayerNorm weights (DESIGN.md, pretraining defaults)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_engine(cfg: RunConfig, model: torch.nn.Module, ds_config: dict):
+    """deepspeed.initialize with the optimizer and scheduler DeepSpeed builds from the config."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, cfg.optim.weight_decay),
+        config=ds_config,
+    )
+    return engine
+
+
+def write_ds_config(ds_config: dict, path: Path) -> None:
+    path.write_text(json.dumps(ds_config, indent=2, sort_keys=True) + "\n")
