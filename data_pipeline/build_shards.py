@@ -166,7 +166,10 @@ def build_file(inp, settings, tok, out_dir, pool, in_flight, bar) -> dict:
     key = settings.key(inp, tok)
     done = _finished_record(out_dir, inp, key)
     if done is not None:
-        bar.write(f"{inp.language}: resumed from an earlier run ({len(done['shards'])} shards)")
+        bar.write(
+            f"{inp.language}: resumed from an earlier run ({len(done['shards'])} shards)",
+            file=sys.stderr,
+        )
         return done
     _clean_language(out_dir, inp.language)
     stats = ReadStats()

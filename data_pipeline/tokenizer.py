@@ -32,6 +32,7 @@ from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
 MODEL_NAME = "spm.model"
 META_NAME = "tokenizer_meta.json"
+HF_CONFIG_NAME = "tokenizer_config.json"  # lets AutoTokenizer load the directory
 SPECIAL_PIECES = {"pad": "[PAD]", "cls": "[CLS]", "sep": "[SEP]", "unk": "[UNK]", "mask": "[MASK]"}
 DEBERTA_IDS = {"pad": 0, "cls": 1, "sep": 2, "unk": 3}
 

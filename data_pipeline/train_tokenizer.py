@@ -38,6 +38,7 @@ from data_pipeline.corpus import (
 )
 from data_pipeline.mixing import language_weights, largest_remainder
 from data_pipeline.tokenizer import (
+    HF_CONFIG_NAME,
     META_NAME,
     MODEL_NAME,
     SPECIAL_PIECES,
@@ -143,10 +144,25 @@ def train_tokenizer(
         "inputs": {f.language: {"file": f.path.name, "bytes": f.size} for f in files},
         "train_seconds": round(time.perf_counter() - t0, 2),
     }
+    write_hf_config(out_dir)
     tmp_meta = out_dir / (META_NAME + ".tmp")
     tmp_meta.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
     os.replace(tmp_meta, out_dir / META_NAME)
     return meta
+
+
+def write_hf_config(out_dir: Path) -> None:
+    """tokenizer_config.json so `AutoTokenizer.from_pretrained(DIR)` picks DebertaV2Tokenizer."""
+    config = {
+        "tokenizer_class": "DebertaV2Tokenizer",
+        "do_lower_case": False,
+        "split_by_punct": False,
+        "add_prefix_space": True,
+        **{f"{k}_token": v for k, v in SPECIAL_PIECES.items()},
+        "bos_token": SPECIAL_PIECES["cls"],
+        "eos_token": SPECIAL_PIECES["sep"],
+    }
+    (out_dir / HF_CONFIG_NAME).write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
