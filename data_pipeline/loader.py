@@ -6,7 +6,7 @@ The global sample order is a pure function of (seed, alpha, block_size, manifest
   remainder apportionment of B * q_l with q_l ~ n_l^alpha (n_l = rows of l). So the number of
   language-l samples before block k is k * c_l: O(1), and proportions hold within 1/B.
 - Inside block k the B slots (c_0 of language 0, then c_1 of language 1, ...) are shuffled by
-  a permutation seeded by (seed, k).
+  a permutation seeded by (seed, k); a language's samples keep their order j inside a block.
 - The j-th sample of language l is row P_{l,p}(j mod n_l) of pass p = j // n_l, with P a
   seeded Feistel bijection of [0, n_l) (`permutation.py`): every row once per pass, a fresh
   order each pass, O(1) memory for any n_l.
@@ -59,7 +59,7 @@ class ShardStream:
         self.block_counts = largest_remainder(self.q, self.block_size)  # c_l
         starts = np.concatenate([[0], np.cumsum(self.block_counts)[:-1]])
         self._slot_lang = np.repeat(np.arange(len(self.rows)), self.block_counts)
-        self._slot_rank = np.arange(self.block_size) - np.repeat(starts, self.block_counts)
+        self._slot_start = starts
         # language l's rows are its shards in manifest order: row r -> (shard, offset)
         self._shard_ids = [[] for _ in m.languages]
         for s_id, s in enumerate(m.shards):
@@ -67,33 +67,44 @@ class ShardStream:
         self._shard_starts = [
             np.cumsum([0] + [m.shards[s].rows for s in ids]) for ids in self._shard_ids
         ]
-        self._perms: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._layouts: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._mapped: dict[int, tuple[object, np.ndarray]] = {}
 
     # ---- the order -------------------------------------------------------------------------
 
-    def _block_perm(self, k: int) -> np.ndarray:
-        perm = self._perms.get(k)
-        if perm is None:
+    def _block_layout(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Block k: (language, rank among that language's samples in the block) per position.
+
+        Positions take languages from a seeded shuffle of the block's slots; ranks count in
+        position order, so a language's samples appear in global order j = 0, 1, 2, ...
+        and a pass ends before the next one starts.
+        """
+        hit = self._layouts.get(k)
+        if hit is None:
             rng = np.random.default_rng([self.seed, _BLOCK_STREAM, k])
-            perm = rng.permutation(self.block_size)
-            self._perms[k] = perm
-            if len(self._perms) > 8:
-                self._perms.popitem(last=False)
-        return perm
+            lang = self._slot_lang[rng.permutation(self.block_size)]
+            order = np.argsort(lang, kind="stable")
+            rank = np.empty(self.block_size, dtype=np.int64)
+            rank[order] = np.arange(self.block_size) - self._slot_start[lang[order]]
+            hit = self._layouts[k] = (lang, rank)
+            if len(self._layouts) > 8:
+                self._layouts.popitem(last=False)
+        return hit
 
     def locate(self, global_indices) -> tuple[np.ndarray, np.ndarray]:
-        """Global sample indices -> (language index, row within the language)."""
+        """Global sample indices -> (language index int16, row within the language int64)."""
         idx = np.asarray(global_indices, dtype=np.int64).reshape(-1)
         if idx.size and idx.min() < 0:
             raise ValueError("sample indices must be >= 0")
         k, p = np.divmod(idx, self.block_size)
-        slot = np.empty_like(p)
+        lang = np.empty_like(p)
+        rank = np.empty_like(p)
         for kk in np.unique(k):
             sel = k == kk
-            slot[sel] = self._block_perm(int(kk))[p[sel]]
-        lang = self._slot_lang[slot]
-        j = k * self.block_counts[lang] + self._slot_rank[slot]  # j-th sample of its language
+            block_lang, block_rank = self._block_layout(int(kk))
+            lang[sel] = block_lang[p[sel]]
+            rank[sel] = block_rank[p[sel]]
+        j = k * self.block_counts[lang] + rank  # j-th sample of its language
         n = self.rows[lang]
         passes, i = np.divmod(j, n)
         keys = self._keys(lang, passes)
