@@ -16,7 +16,7 @@ import json
 import shutil
 from pathlib import Path
 
-from data_pipeline.tokenizer import SPECIAL_PIECES, TokenizerInfo, read_pieces
+from data_pipeline.tokenizer import SPECIAL_PIECES, TokenizerInfo
 
 TOKENIZER_FILES = (
     "spm.model",
@@ -37,12 +37,21 @@ _HF_SPECIAL = {
 }
 
 
+def spm_pieces(model_path: str | Path) -> list[tuple[str, float]]:
+    """(piece, score) of every piece of a sentencepiece model, in id order."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(model_path).read_bytes())
+    return [(p.piece, p.score) for p in proto.pieces]
+
+
 def build_tokenizer(tok: TokenizerInfo):
     """A `tokenizers.Tokenizer` that encodes exactly like the pipeline's `Encoder`."""
     from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import Unigram
 
-    pieces = read_pieces(tok.model_path)
+    pieces = spm_pieces(tok.model_path)
     t = Tokenizer(Unigram(pieces, unk_id=tok.special_ids["unk"], byte_fallback=False))
     t.normalizer = normalizers.Sequence(
         [
