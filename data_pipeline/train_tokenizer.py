@@ -45,6 +45,7 @@ from data_pipeline.tokenizer import (
     file_sha256,
     load_tokenizer_dir,
     normalize_text,
+    quantize_scores,
 )
 
 MAX_SENTENCE_CHARS = 1000  # longer paragraphs are cut for training only
@@ -132,6 +133,7 @@ def train_tokenizer(
         proto = spm_pb2.ModelProto()
         proto.ParseFromString(Path(tmp, "spm.model").read_bytes())
         proto.trainer_spec.model_prefix = "spm"
+        quantize_scores(proto)  # exact Viterbi sums: ties break as in Hugging Face
         Path(tmp, "spm.model").write_bytes(proto.SerializeToString())
         os.replace(os.path.join(tmp, "spm.model"), out_dir / MODEL_NAME)
     meta = {

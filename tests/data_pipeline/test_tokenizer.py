@@ -98,6 +98,29 @@ def test_tricky_strings_match_hf(tokenizer_dir, hf_tokenizer, text):
     assert enc.encode([text])[0] == hf_tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def test_fast_path_equals_reference_path(tokenizer_dir, small_corpus_dir):
+    fast = Encoder(tokenizer_dir / "spm.model")
+    ref = Encoder(tokenizer_dir / "spm.model", reference=True)
+    assert fast.fast and not ref.fast  # models trained here have scores on the 1/16 grid
+    for path in sorted(small_corpus_dir.glob("*.txt")):
+        paragraphs = [p for p in path.read_text().splitlines() if p.strip()]
+        assert fast.encode(paragraphs) == ref.encode(paragraphs), path.name
+
+
+def test_released_style_model_uses_reference_path(tmp_path, small_corpus_dir):
+    """An spm.model with free float scores and the NFKC rule still encodes like HF."""
+    spm.SentencePieceTrainer.train(
+        input=str(small_corpus_dir / "de.txt"), model_prefix=str(tmp_path / "spm"),
+        vocab_size=500, pad_id=0, bos_id=1, eos_id=2, unk_id=3, pad_piece="[PAD]",
+        bos_piece="[CLS]", eos_piece="[SEP]", unk_piece="[UNK]", minloglevel=2,
+    )  # fmt: skip
+    enc = Encoder(tmp_path / "spm.model")
+    assert not enc.fast
+    hf = transformers.DebertaV2Tokenizer.from_pretrained(str(tmp_path))
+    for text in TRICKY:
+        assert enc.encode([text])[0] == hf(text, add_special_tokens=False)["input_ids"], text
+
+
 def test_negative_control_plain_sentencepiece_differs(tokenizer_dir, hf_tokenizer):
     """Why the Encoder exists: sentencepiece's own encoder disagrees on some of these."""
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "spm.model"))
