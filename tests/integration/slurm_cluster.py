@@ -8,6 +8,7 @@ clients find the cluster through the SLURM_CONF variable in `SlurmCluster.env`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -103,15 +104,15 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
             while path.exists() and time.monotonic() < deadline:
                 time.sleep(0.2)
             if path.exists():
-                try:
+                with contextlib.suppress(ValueError, ProcessLookupError):
                     os.kill(int(path.read_text().strip()), signal.SIGKILL)
-                except (ValueError, ProcessLookupError):
-                    pass
 
-    def sbatch(self, script: Path, *args: str, env: dict | None = None) -> int:
-        """Submit a batch script; returns the job id."""
+    def sbatch(
+        self, script: Path, *args: str, env: dict | None = None, options: list[str] = ()
+    ) -> int:
+        """Submit `sbatch [options] script args...`; returns the job id."""
         out = subprocess.run(
-            ["sbatch", "--parsable", str(script), *args],
+            ["sbatch", "--parsable", *options, str(script), *args],
             env={**self.env, **(env or {})},
             capture_output=True,
             text=True,
