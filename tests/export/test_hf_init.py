@@ -1,0 +1,158 @@
+"""Continued pretraining from Hugging Face directories (acceptance 5) and from a released
+DeBERTaV3 layout (discriminator only: `deberta.` prefix, `mask_predictions.classifer`,
+pytorch_model.bin, "p2c|c2p")."""
+
+import json
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from launcher.export import consolidated_state_dict, load_run, select_checkpoint
+from launcher.hf_init import InitError, init_from_hf
+from launcher.pretrain import build_model
+from model import DebertaV3Config, RTDModel, SpecialTokens
+
+transformers = pytest.importorskip("transformers")
+
+SPECIAL = SpecialTokens(pad_id=0, cls_id=1, sep_id=2, unk_id=3, mask_id=4, vocab_size=1000)
+
+
+def one_step_losses(model, ids, seed: int, lr: float = 1e-3) -> list[dict]:
+    """Losses of the forward before and after one AdamW step from a fresh optimizer state,
+    with the same masking/sampling generator and dropout seed."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    out = []
+    for i in range(2):
+        torch.manual_seed(seed + i)
+        res = model(ids, generator=torch.Generator().manual_seed(seed + i))
+        out.append({k: v.item() for k, v in res.as_dict().items()})
+        if i == 0:
+            opt.zero_grad()
+            res.loss.backward()
+            opt.step()
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharing", ["gdes", "es", "nes"])
+def test_init_from_export_continues_like_the_checkpoint(sharing, pretrained_run, exported):
+    """Export -> init a fresh model (other seed) from it -> one step == the same step from the
+    DeepSpeed checkpoint's own weights (optimizer state reset in both). Driven directly on the
+    model with torch AdamW: the same function `init_from_hf` the launcher calls before
+    building the engine."""
+    from tests.export.test_export import real_batch
+
+    run_dir, out = pretrained_run(0, sharing), exported(0, sharing)
+    run = load_run(run_dir)
+    _, tag_dir = select_checkpoint(run.run_dir, None)
+    tok = run.tokenizer
+    from_ckpt, _ = build_model(run.cfg, tok.vocab_size, tok.special_ids)
+    from_ckpt.load_state_dict(consolidated_state_dict(tag_dir), strict=True)
+    run.cfg.run.seed += 1  # a different initialization, overwritten by the export
+    from_hf, _ = build_model(run.cfg, tok.vocab_size, tok.special_ids)
+    ckpt_sd = from_ckpt.state_dict()
+    assert any(not torch.equal(v, from_hf.state_dict()[k]) for k, v in ckpt_sd.items())
+
+    report = init_from_hf(from_hf, out, tokenizer_sha256=tok.sha256)
+    assert not report.kept and not report.ignored, report.summary()
+    for name, value in from_hf.state_dict().items():
+        assert_close(value, ckpt_sd[name], atol=1e-6, rtol=0, msg=name)
+    if sharing == "gdes":
+        assert ckpt_sd["discriminator.embeddings.word_embeddings.weight"].abs().max() > 0
+
+    ids, _ = real_batch(run.manifest.root)
+    a, b = one_step_losses(from_ckpt, ids, seed=7), one_step_losses(from_hf, ids, seed=7)
+    for before_after in range(2):
+        for key in ("loss", "mlm_loss", "rtd_loss", "disc_acc", "gen_acc"):
+            assert a[before_after][key] == pytest.approx(b[before_after][key], abs=1e-5), key
+    assert a[1]["loss"] != a[0]["loss"]  # the step changed something
+
+
+# -- released layout -----------------------------------------------------------------------
+def released_dir(tmp_path, cfg: DebertaV3Config, vocab: int):
+    """A discriminator as microsoft released it: DebertaV2 keys under `deberta.`, the RTD
+    head as `mask_predictions.*` (with the upstream `classifer` spelling), an unused
+    `lm_predictions.lm_head.*`, pytorch_model.bin, `pos_att_type` "p2c|c2p"."""
+    torch.manual_seed(3)
+    hf_cfg = {**cfg.to_hf_dict(), "vocab_size": vocab, "pos_att_type": "p2c|c2p"}
+    hf_cfg.pop("legacy")
+    ref = transformers.DebertaV2Model(transformers.DebertaV2Config(**hf_cfg))
+    sd = {f"deberta.{k}": v for k, v in ref.state_dict().items()}
+    h = cfg.hidden_size
+    for name, shape in {
+        "mask_predictions.dense.weight": (h, h),
+        "mask_predictions.dense.bias": (h,),
+        "mask_predictions.LayerNorm.weight": (h,),
+        "mask_predictions.LayerNorm.bias": (h,),
+        "mask_predictions.classifer.weight": (1, h),
+        "mask_predictions.classifer.bias": (1,),
+        "lm_predictions.lm_head.dense.weight": (h, h),
+        "lm_predictions.lm_head.bias": (vocab,),
+    }.items():
+        sd[name] = torch.randn(shape)
+    d = tmp_path / "deberta-v3-released"
+    d.mkdir()
+    torch.save(sd, d / "pytorch_model.bin")
+    (d / "config.json").write_text(json.dumps(hf_cfg))
+    return d, ref, sd
+
+
+def tiny_model(cfg, sharing="gdes"):
+    torch.manual_seed(0)
+    return RTDModel(cfg, SPECIAL, sharing=sharing)
+
+
+@pytest.fixture
+def cfg():
+    return DebertaV3Config.from_preset(
+        "tiny", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
+
+
+@pytest.mark.parametrize("sharing", ["gdes", "es", "nes"])
+def test_init_from_released_discriminator(tmp_path, cfg, sharing):
+    d, ref, sd = released_dir(tmp_path, cfg, vocab=1000)  # model has 1024 rows
+    model = tiny_model(cfg, sharing)
+    ids = torch.randint(5, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
+    ids[:, 0] = 1
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        want = ref.eval()(ids, attention_mask=mask).last_hidden_state
+
+    def disc_out():
+        with torch.no_grad():
+            emb = model.discriminator_embeddings(ids)
+            return model.eval().discriminator(attention_mask=mask, inputs_embeds=emb)
+
+    assert (disc_out() - want).abs().max() > 1e-2  # negative control
+    report = init_from_hf(model, d)
+    assert_close(disc_out(), want, atol=1e-5, rtol=0)
+    e_g = model.generator.deberta.embeddings.word_embeddings.weight
+    assert torch.equal(e_g[:1000], sd["deberta.embeddings.word_embeddings.weight"])
+    if sharing == "gdes":  # E_delta starts at zero
+        assert model.discriminator.embeddings.word_embeddings.weight.abs().max() == 0
+    assert torch.equal(model.rtd_head.classifier.weight, sd["mask_predictions.classifer.weight"])
+    assert torch.equal(model.rtd_head.dense.bias, sd["mask_predictions.dense.bias"])
+    assert report.ignored == [
+        "discriminator:lm_predictions.lm_head.bias",
+        "discriminator:lm_predictions.lm_head.dense.weight",
+    ]
+    assert any(k.startswith("generator.deberta.encoder.") for k in report.kept)
+    assert any("1000 checkpoint rows into 1024" in n for n in report.notes), report.notes
+    assert "no generator directory" in report.summary()
+
+
+def test_init_errors_name_what_differs(tmp_path, cfg):
+    d, _, _ = released_dir(tmp_path, cfg, vocab=1000)
+    wide = DebertaV3Config.from_preset("tiny", hidden_size=128)
+    with pytest.raises(InitError, match=r"hidden_size: checkpoint 64 != run 128"):
+        init_from_hf(tiny_model(wide), d)
+    with pytest.raises(InitError, match=r"vocab_size: checkpoint 1000 > run 512"):
+        small = DebertaV3Config.from_preset("tiny", vocab_size=512)
+        init_from_hf(RTDModel(small, SpecialTokens(0, 1, 2, 3, 4, 500)), d)
+    with pytest.raises(InitError, match="directory not found"):
+        init_from_hf(tiny_model(cfg), tmp_path / "nothing")
+    (d / "spm.model").write_bytes(b"another tokenizer")
+    with pytest.raises(InitError, match="is not the run's tokenizer"):
+        init_from_hf(tiny_model(cfg), d, tokenizer_sha256="0" * 64)
