@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import collections
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -93,7 +94,7 @@ def _encode_docs(docs: list[list[str]]) -> tuple[np.ndarray, np.ndarray, int]:
     """-> (all tokens int32, tokens per document, unk count); one task of a worker."""
     ids = _worker_encoder.encode([p for doc in docs for p in doc])  # documents are non-empty
     para_lens = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    tokens = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(para_lens.sum()))
+    tokens = np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(para_lens.sum()))
     starts = np.cumsum([0] + [len(d) for d in docs[:-1]])
     doc_lens = np.add.reduceat(para_lens, starts)
     return tokens, doc_lens, int(np.count_nonzero(tokens == _worker_encoder.unk_id))
@@ -182,8 +183,7 @@ def build_file(inp, settings, tok, out_dir, pool, in_flight, bar) -> dict:
         nonlocal tokens, unk, empty_after_encoding
         while len(pending) > limit:
             flat, doc_lens, n_unk = pending.popleft().get()
-            docs = np.split(flat, np.cumsum(doc_lens)[:-1])
-            writer.add(packer.add(docs))
+            writer.add(packer.add_flat(flat, doc_lens))
             tokens += len(flat)
             unk += n_unk
             empty_after_encoding += int(np.count_nonzero(doc_lens == 0))

@@ -144,33 +144,41 @@ def _split_long(text: str, limit: int) -> list[str]:
     return [p for p in pieces if p]
 
 
-def _raw_lines(f, max_bytes: int) -> Iterator[tuple[bytes, bool]]:
-    """(line bytes without newline, is_continuation); lines over max_bytes come in pieces,
-    cut at a UTF-8 character boundary."""
-    carry = b""
+def _utf8_cut(data: bytes) -> int:
+    """The largest cut <= len(data) that does not split a UTF-8 sequence."""
+    cut = len(data)
+    back = 0
+    while back < 3 and cut - back - 1 >= 0 and (data[cut - back - 1] & 0xC0) == 0x80:
+        back += 1
+    if cut - back - 1 >= 0 and data[cut - back - 1] >= 0xC0:
+        cut -= back + 1
+    return cut or len(data)
+
+
+def _raw_lines(f, max_bytes: int, block_size: int = 1 << 14) -> Iterator[tuple[bytes, bool]]:
+    """(line bytes without newline, is_continuation), reading blocks of `block_size`.
+
+    A line still unfinished after `max_bytes` comes in pieces cut at UTF-8 character
+    boundaries, so memory stays bounded on a file without newlines.
+    """
+    pending = b""
     continuation = False
     while True:
-        chunk = f.readline(max_bytes)
-        if not chunk:
-            if carry:
-                yield carry, continuation
+        block = f.read(block_size)
+        if not block:
+            if pending:
+                yield pending, continuation
             return
-        chunk = carry + chunk
-        carry = b""
-        if chunk.endswith(b"\n"):
-            yield chunk.rstrip(b"\r\n"), continuation
+        lines = (pending + block).split(b"\n")
+        pending = lines.pop()
+        for line in lines:
+            yield line, continuation
             continuation = False
-            continue
-        # partial line: keep an incomplete trailing UTF-8 sequence for the next piece
-        cut = len(chunk)
-        back = 0
-        while back < 3 and cut - back - 1 >= 0 and (chunk[cut - back - 1] & 0xC0) == 0x80:
-            back += 1
-        if cut - back - 1 >= 0 and chunk[cut - back - 1] >= 0xC0:
-            cut = cut - back - 1
-        carry = chunk[cut:]
-        yield chunk[:cut], continuation
-        continuation = True
+        while len(pending) > max_bytes:
+            cut = _utf8_cut(pending[:max_bytes])
+            yield pending[:cut], continuation
+            pending = pending[cut:]
+            continuation = True
 
 
 def read_documents(
@@ -212,13 +220,19 @@ def read_documents(
                         stats.empty_documents += 1
                     continue
                 blank_run = 0
-                text, n = _SPECIAL_LITERAL_RE.subn(r"[ \1]", text)
-                stats.special_literals += n
+                if "[" in text:
+                    text, n = _SPECIAL_LITERAL_RE.subn(r"[ \1]", text)
+                    stats.special_literals += n
                 if continuation and not pending_split:
                     stats.split_paragraphs += 1
                 pending_split = continuation
+                if len(text) <= max_paragraph_chars:
+                    stats.paragraphs += 1
+                    stats.chars += len(text)
+                    doc.append(text)
+                    continue
                 pieces = _split_long(text, max_paragraph_chars)
-                if len(pieces) > 1 and not continuation:
+                if not continuation:
                     stats.split_paragraphs += 1
                     pending_split = True
                 stats.paragraphs += len(pieces)

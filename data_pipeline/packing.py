@@ -28,22 +28,27 @@ class RowPacker:
         self.cls_id, self.sep_id = cls_id, sep_id
         self._parts: list[np.ndarray] = []
         self._pending = 0  # tokens in _parts
-        self._sep = np.array([sep_id], dtype=np.int32)
 
     def add(self, docs: list[np.ndarray]) -> np.ndarray:
         """Append documents; return the completed rows, shape (n, seq_len) int32."""
-        for doc in docs:
-            if len(doc) == 0:
-                continue
-            if self._pending:
-                self._parts.append(self._sep)
-                self._pending += 1
-            self._parts.append(doc)
-            self._pending += len(doc)
+        lens = np.array([len(d) for d in docs], dtype=np.int64)
+        flat = np.concatenate(docs) if docs else np.empty(0, np.int32)
+        return self.add_flat(flat.astype(np.int32, copy=False), lens)
+
+    def add_flat(self, tokens: np.ndarray, doc_lens: np.ndarray) -> np.ndarray:
+        """`add` for documents given as their concatenated tokens and their lengths."""
+        lens = doc_lens[doc_lens > 0]
+        if len(lens):
+            starts = np.cumsum(lens) - lens
+            if not self._pending:
+                starts = starts[1:]  # nothing to separate the first document from
+            joined = np.insert(tokens, starts, self.sep_id)
+            self._parts.append(joined)
+            self._pending += len(joined)
         n = self._pending // self.body
         if n == 0:
             return np.empty((0, self.body + 2), dtype=np.int32)
-        stream = np.concatenate(self._parts)
+        stream = np.concatenate(self._parts) if len(self._parts) > 1 else self._parts[0]
         rest = stream[n * self.body :]
         if len(rest) and rest[0] == self.sep_id:
             rest = rest[1:]
