@@ -19,6 +19,7 @@ shard is hashed against the manifest then (once per process; `verify_hashes=Fals
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,11 +29,13 @@ import pyarrow as pa
 
 from data_pipeline.manifest import Manifest, load_manifest
 from data_pipeline.mixing import language_weights, largest_remainder
-from data_pipeline.permutation import derive_key, permute
+from data_pipeline.permutation import derive_key, mix64, permute
 from data_pipeline.tokenizer import file_sha256
 
 DEFAULT_BLOCK_SIZE = 4096
 _BLOCK_STREAM, _ROW_STREAM = 1, 2  # key domains for derive_key
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_LOCATE_CHUNK = 8192  # samples located per numpy pass in iter_micro_batches
 
 
 class ShardStream:
@@ -61,14 +64,15 @@ class ShardStream:
         self._slot_lang = np.repeat(np.arange(len(self.rows)), self.block_counts)
         self._slot_start = starts
         # language l's rows are its shards in manifest order: row r -> (shard, offset)
-        self._shard_ids = [[] for _ in m.languages]
-        for s_id, s in enumerate(m.shards):
-            self._shard_ids[lang_index[s.language]].append(s_id)
-        self._shard_starts = [
-            np.cumsum([0] + [m.shards[s].rows for s in ids]) for ids in self._shard_ids
-        ]
+        # language l's rows are its shards in manifest order; all languages concatenated:
+        # flat row = _lang_base[l] + row, and _flat_starts / _flat_shard map it to a shard
+        order = sorted(range(len(m.shards)), key=lambda i: lang_index[m.shards[i].language])
+        self._flat_shard = np.array(order, dtype=np.int64)
+        self._flat_starts = np.cumsum([0] + [m.shards[i].rows for i in order])[:-1]
+        self._lang_base = np.concatenate([[0], np.cumsum(self.rows)[:-1]]).astype(np.int64)
+        self._row_key = np.uint64(derive_key(self.seed, _ROW_STREAM))
         self._layouts: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
-        self._mapped: dict[int, tuple[object, np.ndarray]] = {}
+        self._mapped: list[np.ndarray | None] = [None] * len(m.shards)
 
     # ---- the order -------------------------------------------------------------------------
 
@@ -111,20 +115,17 @@ class ShardStream:
         return lang.astype(np.int16), permute(i, n, keys)
 
     def _keys(self, lang: np.ndarray, passes: np.ndarray) -> np.ndarray:
-        pairs, inverse = np.unique(np.stack([lang, passes]), axis=1, return_inverse=True)
-        table = np.array(
-            [derive_key(self.seed, _ROW_STREAM, int(a), int(b)) for a, b in pairs.T],
-            dtype=np.uint64,
-        )
-        return table[inverse.reshape(-1)]
+        """Feistel key of (language, pass), vectorized: a hash of (seed, language, pass)."""
+        k = mix64(self._row_key ^ (lang.astype(np.uint64) * _GOLDEN))
+        return mix64(k ^ passes.astype(np.uint64))
 
     # ---- the data --------------------------------------------------------------------------
 
     def _shard_array(self, shard_id: int) -> np.ndarray:
         """(rows, seq_len) int32 view of a memory-mapped shard; hashed on first use."""
-        hit = self._mapped.get(shard_id)
-        if hit is not None:
-            return hit[1]
+        ids = self._mapped[shard_id]
+        if ids is not None:
+            return ids
         m = self.manifest
         shard = m.shards[shard_id]
         path = m.shard_path(shard)
@@ -136,25 +137,27 @@ class ShardStream:
                     f"manifest says {shard.sha256[:16]}...); rebuild it or run "
                     f"`python -m data_pipeline.verify {m.root}`"
                 )
-        source = pa.memory_map(str(path))
-        batch = pa.ipc.open_file(source).get_batch(0)
+        batch = pa.ipc.open_file(pa.memory_map(str(path))).get_batch(0)  # keeps the map alive
         ids = batch.column(0).values.to_numpy(zero_copy_only=True).reshape(-1, m.seq_len)
-        self._mapped[shard_id] = (source, ids)
+        self._mapped[shard_id] = ids
         return ids
+
+    def _shard_rows(self, lang: np.ndarray, row: np.ndarray) -> tuple[list[int], list[int]]:
+        """(shard id, row inside the shard) for rows of languages, via one searchsorted."""
+        flat = self._lang_base[lang] + row  # row in the concatenation of all languages
+        pos = np.searchsorted(self._flat_starts, flat, side="right") - 1
+        return self._flat_shard[pos].tolist(), (flat - self._flat_starts[pos]).tolist()
+
+    def _gather(self, shards: list[int], offsets: list[int]) -> np.ndarray:
+        out = np.empty((len(shards), self.manifest.seq_len), dtype=np.int32)
+        for k, (s, o) in enumerate(zip(shards, offsets, strict=True)):
+            out[k] = self._shard_array(s)[o]
+        return out
 
     def sample_ids(self, global_indices) -> tuple[np.ndarray, np.ndarray]:
         """-> (input_ids int32 (n, seq_len), lang int16 (n,)) for global sample indices."""
         lang, row = self.locate(global_indices)
-        out = np.empty((len(row), self.manifest.seq_len), dtype=np.int32)
-        for l in np.unique(lang):
-            sel = np.flatnonzero(lang == l)
-            starts = self._shard_starts[l]
-            which = np.searchsorted(starts, row[sel], side="right") - 1
-            for w in np.unique(which):
-                part = sel[which == w]
-                shard = self._shard_array(self._shard_ids[l][w])
-                out[part] = shard[row[part] - starts[w]]
-        return out, lang
+        return self._gather(*self._shard_rows(lang, row)), lang
 
     # ---- per-rank batches ------------------------------------------------------------------
 
@@ -172,17 +175,49 @@ class ShardStream:
         contiguous slice of G/W of them and yields it as G/(W*m) micro batches of m, in order.
         Items: input_ids int32 (m, seq_len), lang int16 (m,), sample_index int64 (m,).
         """
+        check_batch_geometry(global_batch_size, micro_batch_size, rank, world_size)
+        if start_sample < 0:
+            raise ValueError(f"start_sample must be >= 0, got {start_sample}")
+        return self.iter_micro_batches(
+            start_sample, global_batch_size, micro_batch_size, rank, world_size
+        )
+
+    def iter_micro_batches(
+        self,
+        start_sample: int,
+        global_batch_size: int,
+        micro_batch_size: int,
+        rank: int,
+        world_size: int,
+        first: int = 0,
+        stride: int = 1,
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Items first, first + stride, ... of `rank_batches` (DataLoader workers use a stride).
+
+        Samples are located for many micro batches at once (numpy work amortized), then
+        gathered one micro batch at a time.
+        """
         per_rank = check_batch_geometry(global_batch_size, micro_batch_size, rank, world_size)
         if start_sample < 0:
             raise ValueError(f"start_sample must be >= 0, got {start_sample}")
-        base = int(start_sample) + rank * per_rank
-        while True:
-            index = np.arange(base, base + per_rank, dtype=np.int64)
-            ids, lang = self.sample_ids(index)
-            for a in range(0, per_rank, micro_batch_size):
-                b = a + micro_batch_size
-                yield {"input_ids": ids[a:b], "lang": lang[a:b], "sample_index": index[a:b]}
-            base += global_batch_size
+        m = micro_batch_size
+        per_step = per_rank // m
+        chunk = max(1, _LOCATE_CHUNK // m)
+        offsets = np.arange(m, dtype=np.int64)
+        for i in itertools.count(first, stride * chunk):
+            mb = i + stride * np.arange(chunk, dtype=np.int64)
+            step, j = np.divmod(mb, per_step)
+            begin = start_sample + step * global_batch_size + rank * per_rank + j * m
+            index = (begin[:, None] + offsets).reshape(-1)
+            lang, row = self.locate(index)
+            shards, rows = self._shard_rows(lang, row)
+            for c in range(chunk):
+                sl = slice(c * m, (c + 1) * m)
+                yield {
+                    "input_ids": self._gather(shards[sl], rows[sl]),
+                    "lang": lang[sl],
+                    "sample_index": index[sl],
+                }
 
     def micro_batch(
         self,

@@ -4,13 +4,12 @@ Use with ``DataLoader(ds, batch_size=None, num_workers=k)``: items are already m
 batches. With k workers, worker w produces micro batches w, w+k, w+2k, ... of the rank's
 sequence, and DataLoader's in-order round-robin over workers (the default `in_order=True`)
 returns them in the original order, so no sample is duplicated or dropped for any k. Every
-micro batch is located in O(1) (`ShardStream.micro_batch`), so workers skip nothing by
-replay. Each worker opens its own `ShardStream` (memory maps are per process).
+micro batch is located in O(1) (`ShardStream.iter_micro_batches` with a stride), so workers
+skip nothing by replay. Each worker opens its own `ShardStream` (memory maps are per process).
 """
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import torch
@@ -51,6 +50,8 @@ class RankIterableDataset(IterableDataset):
             self._stream = ShardStream(self.shards_dir, **self.stream_kwargs)
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for i in itertools.count(worker, workers):
-            batch = self._stream.micro_batch(self.start_sample, *self.geometry, index=i)
+        batches = self._stream.iter_micro_batches(
+            self.start_sample, *self.geometry, first=worker, stride=workers
+        )
+        for batch in batches:
             yield {k: torch.from_numpy(v) for k, v in batch.items()}

@@ -135,3 +135,18 @@ def test_flipped_byte_in_a_shard_is_reported_by_name(copy_shards):
     s = ShardStream(copy_shards)  # opening checks sizes and schemas only: still fine
     with pytest.raises(ValueError, match=rf"{re.escape(str(victim))}: shard content changed since"):
         _take(s.rank_batches(0, 64, 64, 0, 1), 50)
+
+
+def test_chunked_iteration_crosses_chunks_and_strides(shards_dir):
+    """Samples are located 8192 at a time: items across chunk edges, with strides, agree."""
+    s = ShardStream(shards_dir)
+    args = (3, 256, 64, 1, 2)  # 2 micro batches per step, 128 per located chunk
+    items = _take(s.rank_batches(*args), 300)
+    for i in (0, 127, 128, 129, 299):
+        ids, lang = s.sample_ids(items[i]["sample_index"])
+        np.testing.assert_array_equal(items[i]["input_ids"], ids)
+        np.testing.assert_array_equal(items[i]["lang"], lang)
+        assert items[i]["sample_index"][0] == 3 + (i // 2) * 256 + 128 + (i % 2) * 64
+    strided = _take(s.iter_micro_batches(*args, first=1, stride=3), 100)
+    for k, b in enumerate(strided):
+        np.testing.assert_array_equal(b["input_ids"], items[1 + 3 * k]["input_ids"])
