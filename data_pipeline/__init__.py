@@ -1,0 +1,20 @@
+"""CC100-style text -> sentencepiece tokenizer -> Arrow shards -> a deterministic sample stream.
+
+Commands (each with --help, a progress bar and a summary):
+
+    python -m data_pipeline.train_tokenizer --input data/cc100-sample --vocab-size 8000 --out TOK
+    python -m data_pipeline.build_shards --input data/cc100-sample --tokenizer TOK \\
+        --out SHARDS --seq-len 512 --workers 8        # or under `mpirun -np K`
+    python -m data_pipeline.verify SHARDS
+
+Modules, in data-flow order:
+- `corpus`: discover inputs, stream documents out of plain/.xz/.gz files, count repairs.
+- `tokenizer`, `train_tokenizer`: DeBERTaV3 ids, Hugging Face-identical encoding, training.
+- `packing`, `build_shards`: rows of exactly seq_len, atomic Arrow shards, parallel/MPI build.
+- `manifest`, `verify`: what a shard directory holds, and the checks that it still does.
+- `mixing`, `permutation`, `loader`: the global sample order and `ShardStream`.
+- `torch_dataset`: `RankIterableDataset` for torch DataLoader (the only torch import).
+
+numpy, pyarrow and sentencepiece only (plus `tokenizers` for models whose scores are not on
+the parity grid); never model code or deepspeed. Rank and world size are arguments.
+"""

@@ -54,6 +54,7 @@ class InputFile:
 class ReadStats:
     """Per-file counters; `merge` adds another file's counts (same language)."""
 
+    lines: int = 0
     documents: int = 0
     paragraphs: int = 0
     chars: int = 0
@@ -187,63 +188,57 @@ def read_documents(
     max_paragraph_chars: int = DEFAULT_MAX_PARAGRAPH_CHARS,
 ) -> Iterator[list[str]]:
     """Yield documents (lists of non-empty paragraphs) of one file, counting repairs in stats."""
-    lines_read = 0
-    doc: list[str] = []
-    blank_run = 1  # a blank run at the start of the file is an empty document too
-    pending_split = False
     try:
         with _open_binary(inp) as f:
-            for raw, continuation in _raw_lines(f, 4 * max_paragraph_chars + 4):
-                if not continuation:
-                    lines_read += 1
-                if b"\x00" in raw:
-                    raise CorpusError(
-                        f"{inp.path}: looks like a binary file (NUL byte on line {lines_read}); "
-                        "expected UTF-8 text, one paragraph per line"
-                    )
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    text = raw.decode("utf-8", errors="replace")
-                    stats.invalid_utf8_lines += 1
-                text = text.strip()
-                if not text:
-                    if continuation:
-                        continue
-                    if doc:
-                        stats.documents += 1
-                        yield doc
-                        doc = []
-                        blank_run = 0
-                    blank_run += 1
-                    if blank_run == 2:
-                        stats.empty_documents += 1
-                    continue
-                blank_run = 0
-                if "[" in text:
-                    text, n = _SPECIAL_LITERAL_RE.subn(r"[ \1]", text)
-                    stats.special_literals += n
-                if continuation and not pending_split:
-                    stats.split_paragraphs += 1
-                pending_split = continuation
-                if len(text) <= max_paragraph_chars:
-                    stats.paragraphs += 1
-                    stats.chars += len(text)
-                    doc.append(text)
-                    continue
-                pieces = _split_long(text, max_paragraph_chars)
-                if not continuation:
-                    stats.split_paragraphs += 1
-                    pending_split = True
-                stats.paragraphs += len(pieces)
-                stats.chars += sum(len(p) for p in pieces)
-                doc.extend(pieces)
-            if doc:
-                stats.documents += 1
-                yield doc
+            yield from _documents(inp, f, stats, max_paragraph_chars)
     except (EOFError, lzma.LZMAError, zlib.error, gzip.BadGzipFile, OSError) as e:
         kind = "truncated" if isinstance(e, EOFError) else "corrupt or unreadable"
         raise CorpusError(
-            f"{inp.path}: {kind} {inp.compression} input after {lines_read} lines "
+            f"{inp.path}: {kind} {inp.compression} input after {stats.lines} lines "
             f"({stats.documents} documents): {e}"
         ) from e
+
+
+def _documents(inp: InputFile, f, stats: ReadStats, max_chars: int) -> Iterator[list[str]]:
+    doc: list[str] = []
+    blank_run = 1  # a blank run at the start of the file is an empty document too
+    pending_split = False  # the previous piece belongs to a paragraph already counted as split
+    for raw, continuation in _raw_lines(f, 4 * max_chars + 4):
+        stats.lines += not continuation
+        if b"\x00" in raw:
+            raise CorpusError(
+                f"{inp.path}: looks like a binary file (NUL byte on line {stats.lines}); "
+                "expected UTF-8 text, one paragraph per line"
+            )
+        try:
+            text = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            text = raw.decode("utf-8", errors="replace").strip()
+            stats.invalid_utf8_lines += 1
+        if not text:
+            if continuation:
+                continue
+            if doc:
+                stats.documents += 1
+                yield doc
+                doc, blank_run = [], 0
+            blank_run += 1
+            stats.empty_documents += blank_run == 2
+            continue
+        blank_run = 0
+        if "[" in text:
+            text, n = _SPECIAL_LITERAL_RE.subn(r"[ \1]", text)
+            stats.special_literals += n
+        if continuation and not pending_split:
+            stats.split_paragraphs += 1
+        pending_split = continuation
+        pieces = [text] if len(text) <= max_chars else _split_long(text, max_chars)
+        if len(pieces) > 1 and not continuation:
+            stats.split_paragraphs += 1
+            pending_split = True
+        stats.paragraphs += len(pieces)
+        stats.chars += sum(map(len, pieces))
+        doc.extend(pieces)
+    if doc:
+        stats.documents += 1
+        yield doc

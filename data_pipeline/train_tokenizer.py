@@ -63,46 +63,14 @@ def _sample_paragraphs(inp, count: int, stats: ReadStats) -> Iterator[str]:
                     return
 
 
-def train_tokenizer(
-    inputs: list[str],
-    out_dir: str | Path,
-    vocab_size: int = 8000,
-    sentences: int = 30_000,
-    alpha: float = 0.3,
-    character_coverage: float = 0.9999,
-    seed: int = 0,
-    progress: bool = True,
-) -> dict:
-    """Train and write DIR/spm.model + DIR/tokenizer_meta.json; returns the meta dict."""
-    files = discover_inputs(inputs)
-    if vocab_size < 300:
-        raise ValueError(f"--vocab-size {vocab_size} is too small (byte pieces alone take 256)")
-    sizes = np.array([f.size for f in files], dtype=np.float64)
-    q = language_weights(sizes, alpha)
-    budget = largest_remainder(q, sentences)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    texts: list[str] = []
-    counts: dict[str, int] = {}
-    bar = tqdm(total=int(budget.sum()), unit="sent", desc="sampling", disable=not progress)
-    for inp, n in zip(files, budget, strict=True):
-        stats = ReadStats()
-        before = len(texts)
-        for text in _sample_paragraphs(inp, int(n), stats):
-            texts.append(text)
-            bar.update(1)
-        counts[inp.language] = len(texts) - before
-    bar.close()
-    if not texts:
-        raise CorpusError(f"no text found in {', '.join(str(f.path) for f in files)}")
-
-    settings = dict(
+def trainer_settings(vocab_size: int, character_coverage: float) -> dict:
+    """Sentencepiece trainer options (recorded in tokenizer_meta.json)."""
+    return dict(
         model_type="unigram",
         vocab_size=vocab_size,
         character_coverage=character_coverage,
         byte_fallback=True,
-        normalization_rule_name="identity",
+        normalization_rule_name="identity",  # text is normalized as Hugging Face does
         remove_extra_whitespaces=True,
         add_dummy_prefix=True,
         split_digits=False,
@@ -117,29 +85,73 @@ def train_tokenizer(
         unk_piece=SPECIAL_PIECES["unk"],
         user_defined_symbols=[SPECIAL_PIECES["mask"]],
     )
+
+
+def sample_texts(files, budget: np.ndarray, progress: bool) -> tuple[list[str], dict[str, int]]:
+    """budget[l] normalized paragraphs from the start of each file; also the counts taken."""
+    texts: list[str] = []
+    counts: dict[str, int] = {}
+    with tqdm(total=int(budget.sum()), unit="sent", desc="sampling", disable=not progress) as bar:
+        for inp, n in zip(files, budget, strict=True):
+            before = len(texts)
+            for text in _sample_paragraphs(inp, int(n), ReadStats()):
+                texts.append(text)
+                bar.update(1)
+            counts[inp.language] = len(texts) - before
+    if not texts:
+        raise CorpusError(f"no text found in {', '.join(str(f.path) for f in files)}")
+    return texts, counts
+
+
+def _train_model(texts: list[str], settings: dict, out_dir: Path, seed: int, progress: bool):
     spm.set_random_generator_seed(seed)
-    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         with tqdm(total=1, desc="training", unit="model", disable=not progress) as bar:
             spm.SentencePieceTrainer.train(
                 sentence_iterator=iter(texts),
                 model_prefix=os.path.join(tmp, "spm"),
-                num_threads=1,  # multi-threaded training is not reproducible
+                num_threads=1,  # reproducible bytes
                 minloglevel=2,
                 **settings,
             )
             bar.update(1)
-        # the temporary prefix is recorded in the model; fix it so the bytes are reproducible
         proto = spm_pb2.ModelProto()
         proto.ParseFromString(Path(tmp, "spm.model").read_bytes())
-        proto.trainer_spec.model_prefix = "spm"
+        proto.trainer_spec.model_prefix = "spm"  # not the temporary path: reproducible bytes
         quantize_scores(proto)  # exact Viterbi sums: ties break as in Hugging Face
         Path(tmp, "spm.model").write_bytes(proto.SerializeToString())
         os.replace(os.path.join(tmp, "spm.model"), out_dir / MODEL_NAME)
+
+
+def train_tokenizer(
+    inputs: list[str],
+    out_dir: str | Path,
+    vocab_size: int = 8000,
+    sentences: int = 30_000,
+    alpha: float = 0.3,
+    character_coverage: float = 0.9999,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Train and write DIR/spm.model, tokenizer_meta.json and tokenizer_config.json.
+
+    Returns the meta dict (settings, per-language sample counts, sha256 of spm.model).
+    """
+    files = discover_inputs(inputs)
+    if vocab_size < 300:
+        raise ValueError(f"--vocab-size {vocab_size} is too small (byte pieces alone take 256)")
+    q = language_weights(np.array([f.size for f in files], dtype=np.float64), alpha)
+    texts, counts = sample_texts(files, largest_remainder(q, sentences), progress)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = trainer_settings(vocab_size, character_coverage)
+    t0 = time.perf_counter()
+    _train_model(texts, settings, out_dir, seed, progress)
     meta = {
         "format_version": 1,
         "sha256": file_sha256(out_dir / MODEL_NAME),
         "settings": settings,
+        "score_grid": "multiples of 1/16 (tokenizer.quantize_scores)",
         "alpha": alpha,
         "sentence_budget": sentences,
         "samples_per_language": counts,
