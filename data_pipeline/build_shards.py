@@ -100,15 +100,22 @@ def _encode_docs(docs: list[list[str]]) -> tuple[np.ndarray, np.ndarray, int]:
     return tokens, doc_lens, int(np.count_nonzero(tokens == _worker_encoder.unk_id))
 
 
+class _Ready:
+    def __init__(self, value):
+        self.value = value
+
+    def get(self):
+        return self.value
+
+
 class _InlinePool:
     """`--workers 1`: encode in this process, same code path as the pool."""
 
     def __init__(self, model_path: str):
         _init_worker(model_path)
 
-    def apply_async(self, fn, args):
-        result = fn(*args)
-        return type("Done", (), {"get": lambda self: result})()
+    def apply_async(self, fn, args) -> _Ready:
+        return _Ready(fn(*args))
 
     def close(self):
         pass

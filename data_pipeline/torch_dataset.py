@@ -45,6 +45,9 @@ class RankIterableDataset(IterableDataset):
         self.stream_kwargs = dict(seed=seed, alpha=alpha, **stream_kwargs)
         self._stream: ShardStream | None = None
 
+    def __getstate__(self):  # worker processes open their own memory maps
+        return {**self.__dict__, "_stream": None}
+
     def __iter__(self):
         if self._stream is None:  # opened lazily, in the worker process
             self._stream = ShardStream(self.shards_dir, **self.stream_kwargs)

@@ -32,3 +32,10 @@ def test_dataloader_workers_preserve_the_rank_stream(shards_dir, num_workers):
 def test_bad_geometry_fails_at_construction(shards_dir):
     with pytest.raises(ValueError, match="not divisible"):
         RankIterableDataset(shards_dir, 0, 10, 3, 0, 1)
+
+
+def test_dataset_iterated_in_main_process_still_pickles_to_workers(shards_dir):
+    ds = RankIterableDataset(shards_dir, 0, 8, 2, 0, 1)
+    first = next(iter(ds))  # opens memory maps in this process
+    got = next(iter(DataLoader(ds, batch_size=None, num_workers=2)))
+    assert torch.equal(first["input_ids"], got["input_ids"])
