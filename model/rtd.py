@@ -138,7 +138,7 @@ class RTDModel(nn.Module):
         banned[self.special.vocab_size :] = True
         return banned
 
-    # -- the four steps of RTD ----------------------------------------------------------
+    # -- the steps of RTD (DESIGN.md "RTD step") ---------------------------------------
     def mask_tokens(
         self,
         input_ids: torch.Tensor,
