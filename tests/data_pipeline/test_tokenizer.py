@@ -92,6 +92,21 @@ def test_normalizer_matches_hf(hf_tokenizer):
         assert normalize_text(text) == normalizer.normalize_str(text), repr(text)
 
 
+def test_random_whitespace_and_marks_match_hf(tokenizer_dir, hf_tokenizer):
+    """Fuzz: 3000 short strings over every whitespace HF knows, marks, specials, ▁, CJK."""
+    alphabet = list("ab e1-") + [chr(c) for c in (0x1C, 0x85, 0xA0, 0x1680, 0x2028, 0x2029,
+        0x202F, 0x205F, 0x3000, 0x2003, 0x200B, 0x301, 0x308, 0x2581, 0xFEFF, 0x4E2D)]  # fmt: skip
+    alphabet += ["\t", "\n", "\r", "\x0b", "\x0c", "[MASK]", "ﬁ", "Å", "😀"]
+    rng = np.random.default_rng(0)
+    texts = ["".join(rng.choice(alphabet, rng.integers(0, 12))) for _ in range(3000)]
+    normalizer = hf_tokenizer.backend_tokenizer.normalizer
+    enc = Encoder(tokenizer_dir / "spm.model")
+    assert [normalize_text(t) for t in texts] == [normalizer.normalize_str(t) for t in texts]
+    ours = enc.encode(texts)
+    theirs = hf_tokenizer(texts, add_special_tokens=False)["input_ids"]
+    assert [t for t, a, b in zip(texts, ours, theirs, strict=True) if a != b] == []
+
+
 @pytest.mark.parametrize("text", TRICKY, ids=range(len(TRICKY)))
 def test_tricky_strings_match_hf(tokenizer_dir, hf_tokenizer, text):
     enc = Encoder(tokenizer_dir / "spm.model")
