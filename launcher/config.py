@@ -84,6 +84,9 @@ class CheckpointSection:
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted
     resume: bool = True  # resume from the newest complete checkpoint in the run dir
     force_resume: bool = False  # resume even if the data order changed (seed, batch, manifest)
+    # Tests only: at this step the last rank SIGKILLs itself after writing its checkpoint
+    # files, before the checkpoint is marked complete (a crash during a checkpoint write).
+    test_crash_before_marker_step: int = 0
 
 
 @dataclass
@@ -319,7 +322,10 @@ def validate_data(cfg: RunConfig) -> None:
         tok = load_tokenizer_dir(d.tokenizer_dir)
     except Exception as e:  # the tokenizer package's own message says what is wrong
         raise ConfigError(f"data.tokenizer_dir={d.tokenizer_dir!r}: {e}") from None
-    manifest = load_manifest(d.shards_dir)
+    try:
+        manifest = load_manifest(d.shards_dir)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.shards_dir={d.shards_dir!r}: {e}") from None
     if manifest.tokenizer_sha256 != tok.sha256:
         raise ConfigError(
             f"data.shards_dir={d.shards_dir!r} was built with a different tokenizer than "

@@ -16,6 +16,7 @@ Backend: nccl on CUDA, gloo on the CPU (DeepSpeed's cpu accelerator).
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -60,7 +61,8 @@ def init(env: DistEnv, port: int = 29500) -> None:
             RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank)
         )
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(port))
+        # one process: any free port, so several single-process runs can share a machine
+        os.environ.setdefault("MASTER_PORT", str(_free_port() if env.world_size == 1 else port))
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
         backend = "nccl"
@@ -74,7 +76,7 @@ def init(env: DistEnv, port: int = 29500) -> None:
     )
 
 
-def device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

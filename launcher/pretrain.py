@@ -31,6 +31,7 @@ steps in a row (no checkpoint written for them).
 
 from __future__ import annotations
 
+import copy
 import signal
 import sys
 import time
@@ -46,7 +47,7 @@ import torch.distributed as dist
 
 from launcher import checkpoint, distributed
 from launcher.config import ConfigError, RunConfig, parse_args, to_toml, validate
-from launcher.engine import build_ds_config, build_engine, write_ds_config, zero_stage
+from launcher.engine import build_ds_config, build_engine, write_ds_config
 from launcher.observe import MEAN_KEYS, Logger, memory_metrics, reduce_means
 
 EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE = 0, 2, 3
@@ -71,6 +72,7 @@ class Run:
     cfg: RunConfig
     env: distributed.DistEnv
     languages: list[str]
+    pad_id: int
     data_order: dict  # inputs that fix the global sample order (checked on resume)
     flops_per_sample: float
     peak_flops: float
@@ -102,22 +104,39 @@ def train_step(engine, micro_batches: list[dict], state: TrainState, run: Run) -
             loss = loss * float("nan")
         flags[0] += float(not torch.isfinite(loss).item())
         flags[2] += out.num_tokens.item()
-        langs = np.bincount(mb["lang"], minlength=len(run.languages))
-        flags[3:] += torch.from_numpy(langs * mb["input_ids"].shape[1]).double()
+        per_row = (mb["input_ids"] != run.pad_id).sum(axis=1)
+        flags[3:] += torch.from_numpy(np.bincount(mb["lang"], per_row, len(run.languages)))
         for k in MEAN_KEYS:
             sums[k] += getattr(out, k).item()
         engine.backward(loss)
-        if i == len(micro_batches) - 1:
-            flags[1] = float(run.stop_requested)
-            dist.all_reduce(flags)
-            if flags[0] > 0 and zero_stage(engine.config) == 0 and not engine.fp16_enabled():
-                # ZeRO >= 1 and fp16 skip a non-finite step themselves; plain torch AdamW
-                # does not, but it leaves parameters without a gradient untouched.
-                for p in engine.module.parameters():
-                    p.grad = None
-        engine.step()
+        if i < len(micro_batches) - 1:
+            engine.step()  # not a boundary: DeepSpeed only counts the micro step
+    lr = engine.get_lr()[0]  # the lr this step trains with (the schedule moves after)
+    flags[1] = float(run.stop_requested)
+    dist.all_reduce(flags)
+    if flags[0] > 0 and engine.zero_optimization_stage() == 0 and not engine.fp16_enabled():
+        skip_optimizer_step(engine)
+    else:
+        engine.step()  # ZeRO >= 1 and fp16 skip a step with non-finite gradients themselves
     applied = engine.was_step_applied() or engine.fp16_enabled()
-    return {"sums": sums, "count": len(micro_batches), "flags": flags, "applied": applied}
+    return {"sums": sums, "count": len(micro_batches), "flags": flags, "applied": applied, "lr": lr}
+
+
+def skip_optimizer_step(engine) -> None:
+    """ZeRO-0 without fp16 has no overflow check: run the engine's step (counters, schedule)
+    on zero gradients, then put the weights and optimizer state back as they were."""
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    saved_params = [p.detach().clone() for p in params]
+    state = engine.optimizer.state  # per-parameter moments; param_groups (lr) move on
+    saved_state = {p: copy.deepcopy(st) for p, st in state.items()}
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    engine.step()
+    with torch.no_grad():
+        for p, saved in zip(params, saved_params, strict=True):
+            p.copy_(saved)
+    state.clear()
+    state.update(saved_state)
 
 
 def update_state(state: TrainState, result: dict, run: Run, global_batch: int) -> bool:
@@ -139,7 +158,7 @@ def step_metrics(engine, result: dict, run: Run, seconds: float, state: TrainSta
     samples = run.cfg.train.global_batch_size
     gnorm = engine.get_global_grad_norm()
     m.update(
-        lr=engine.get_lr()[0],
+        lr=result["lr"],
         grad_norm=float(gnorm) if gnorm is not None else float("nan"),
         nonfinite_steps=state.nonfinite_steps,
         samples_per_s=samples / seconds,
@@ -170,7 +189,7 @@ def client_state(state: TrainState, run: Run) -> dict:
 
 
 def train(engine, stream, state: TrainState, run: Run) -> int:
-    cfg, ckpt_dir = run.cfg, run.cfg.run_dir / "checkpoints"
+    cfg = run.cfg
     gas = engine.gradient_accumulation_steps()
     batches = stream.rank_batches(
         start_sample=state.consumed_samples,
@@ -200,25 +219,27 @@ def train(engine, stream, state: TrainState, run: Run) -> int:
             t1 = time.time()
             seconds = (t1 - t0) / (state.step - last_log_step)
             metrics = step_metrics(engine, result, run, seconds, state)
+            metrics["consumed_samples"] = state.consumed_samples
             run.logger.log(state.step, metrics, state.lang_tokens)
             run.logger.console(state.step, metrics, state.step - first_step)
             t0, last_log_step = t1, state.step
         stop = result["flags"][1].item() > 0
         if state.step % cfg.checkpoint.every_steps == 0 or stop:
-            checkpoint.save(
-                engine, ckpt_dir, state.step, client_state(state, run), cfg.checkpoint.keep_last
-            )
+            save_checkpoint(engine, state, run)
             saved_step = state.step
-            run.logger.message(f"checkpoint step {state.step} saved in {ckpt_dir}")
         if stop:
             run.logger.message(f"stopped by signal at step {state.step} (checkpoint saved)")
             return EXIT_OK
     if saved_step != state.step:
-        checkpoint.save(
-            engine, ckpt_dir, state.step, client_state(state, run), cfg.checkpoint.keep_last
-        )
-        run.logger.message(f"checkpoint step {state.step} saved in {ckpt_dir}")
+        save_checkpoint(engine, state, run)
     return EXIT_OK
+
+
+def save_checkpoint(engine, state: TrainState, run: Run) -> None:
+    c, ckpt_dir = run.cfg.checkpoint, run.cfg.run_dir / "checkpoints"
+    cs = client_state(state, run)
+    checkpoint.save(engine, ckpt_dir, state.step, cs, c.keep_last, c.test_crash_before_marker_step)
+    run.logger.message(f"checkpoint step {state.step} saved in {ckpt_dir}")
 
 
 # -- setup ---------------------------------------------------------------------------------
@@ -308,6 +329,7 @@ def setup(cfg: RunConfig, env: distributed.DistEnv):
         cfg=cfg,
         env=env,
         languages=list(manifest.languages),
+        pad_id=tok.special_ids["pad"],
         data_order={
             "seed": cfg.run.seed,
             "global_batch_size": cfg.train.global_batch_size,

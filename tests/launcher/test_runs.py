@@ -1,0 +1,258 @@
+"""Real training runs: one process and `deepspeed --num_gpus 2` (2 CPU ranks, gloo).
+
+Expensive runs are module fixtures shared by the assertions that read them:
+`one_rank` and `two_rank` are the same tiny fp32 ZeRO-2 run (global batch 8, dropout off) on
+1 rank (micro batch 4 x 2 accumulation steps) and on 2 ranks (micro batch 4 each).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+
+from tests.launcher.helpers import base_args, check, losses, metrics, run, weights
+
+pytestmark = pytest.mark.slow
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def data(shards_dir, tokenizer_dir):
+    return shards_dir, tokenizer_dir
+
+
+@pytest.fixture(scope="module")
+def one_rank(runs, data):
+    out = check(run(base_args(*data, runs, "one"), ranks=1))
+    return runs / "one", out
+
+
+@pytest.fixture(scope="module")
+def two_rank(runs, data):
+    out = check(run(base_args(*data, runs, "two"), ranks=2))
+    return runs / "two", out
+
+
+def run_dir_shape(run_dir):
+    ckpts = run_dir / "checkpoints"
+    return {
+        "top": sorted(p.name for p in run_dir.iterdir()),
+        "complete": sorted(p.parent.name for p in ckpts.glob("step_*/COMPLETE.json")),
+        "tensorboard": any((run_dir / "tensorboard").glob("events.out.tfevents.*")),
+        "steps": [m["step"] for m in metrics(run_dir)],
+    }
+
+
+def test_one_process_and_deepspeed_write_the_same_run_dir(one_rank, two_rank):
+    (one, one_out), (two, two_out) = one_rank, two_rank
+    assert run_dir_shape(one) == run_dir_shape(two)
+    shape = run_dir_shape(two)
+    assert shape["top"] == [
+        "checkpoints",
+        "config.toml",
+        "ds_config.json",
+        "metrics.jsonl",
+        "tensorboard",
+    ]
+    assert shape["complete"] == ["step_00000002", "step_00000004"]  # keep_last = 2
+    assert shape["steps"] == [1, 2, 3, 4]
+    assert "2 rank(s) (env)" in two_out and "1 rank(s) (single)" in one_out
+    assert two_out.count(f"step      1/{STEPS} |") == 1  # console line on rank 0 only
+    ds = (two / "ds_config.json").read_text()
+    assert '"gradient_accumulation_steps": 1' in ds
+    assert '"gradient_accumulation_steps": 2' in (one / "ds_config.json").read_text()
+
+
+def test_one_rank_and_two_ranks_give_the_same_losses(one_rank, two_rank):
+    for key in ("loss", "mlm_loss", "rtd_loss"):
+        a, b = losses(one_rank[0], key), losses(two_rank[0], key)
+        assert len(a) == len(b) == STEPS
+        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5, (key, a, b)
+    first, last = losses(two_rank[0])[0], losses(two_rank[0])[-1]
+    assert first != last  # training moved (negative control for a frozen model)
+
+
+def test_tensorboard_tags_have_sane_values(two_rank):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(two_rank[0] / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    last = {t: acc.Scalars(t)[-1].value for t in tags}
+    for tag in ("loss/total", "loss/mlm", "loss/rtd", "optim/grad_norm", "memory/rss_gb"):
+        assert math.isfinite(last[tag]) and last[tag] > 0, tag
+    for tag in ("acc/generator", "acc/discriminator", "rtd/precision", "rtd/recall"):
+        assert 0.0 <= last[tag] <= 1.0, tag
+    assert 0.05 < last["rtd/replaced_frac"] < 0.2  # ~15% masked, some samples equal originals
+    assert last["optim/lr"] == pytest.approx(1e-3)  # step 4 trains with lr(2) = peak
+    for tag in ("perf/tokens_per_s", "perf/samples_per_s", "perf/tflops_per_rank", "perf/mfu"):
+        assert last[tag] > 0, tag
+    assert last["optim/nonfinite_steps"] == 0
+    assert last["tokens/total"] == STEPS * 8 * 128  # rows are full: no padding
+    langs = [t for t in tags if t.startswith("tokens/") and t != "tokens/total"]
+    assert len(langs) == 12
+    assert sum(last[t] for t in langs) == last["tokens/total"]
+    assert len(acc.Scalars("loss/total")) == STEPS
+
+
+def test_exact_resume_after_sigterm(runs, data, one_rank):
+    """N steps, SIGTERM (checkpoint + exit 0), the same command again: bitwise the same
+    losses and final weights as the straight run."""
+    import signal
+    import time
+
+    from tests.launcher.helpers import start
+
+    args = base_args(*data, runs, "resume")
+    proc = start(args, ranks=1)
+    deadline = time.time() + 240
+    while not metrics(runs / "resume") and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-4000:]
+    assert "stopped by signal at step" in out
+    stopped = metrics(runs / "resume")[-1]["step"]
+    assert 1 <= stopped < STEPS, "the signal came too late to test a resume"
+    assert (runs / "resume" / "checkpoints" / f"step_{stopped:08d}" / "COMPLETE.json").exists()
+
+    out = check(run(args, ranks=1))
+    assert f"resumed from step_{stopped:08d}: step {stopped}" in out
+    assert losses(runs / "resume") == losses(one_rank[0])  # bitwise (fp32, CPU)
+    straight, resumed = weights(one_rank[0], STEPS), weights(runs / "resume", STEPS)
+    assert straight.keys() == resumed.keys()
+    for name, w in straight.items():
+        assert torch.equal(w, resumed[name]), name
+
+
+@pytest.mark.parametrize(("source", "ranks"), [("two", 1), ("one", 2)])
+def test_universal_checkpoint_changes_the_rank_count(runs, data, source, ranks, request):
+    """Resume step 2 of a 2-rank run on 1 rank (and 1 -> 2): the same global samples follow."""
+    src, _ = request.getfixturevalue("two_rank" if source == "two" else "one_rank")
+    name = f"{source}_to_{ranks}"
+    shutil.copytree(src, runs / name)
+    shutil.rmtree(runs / name / "checkpoints" / f"step_{STEPS:08d}")
+    (runs / name / "metrics.jsonl").write_text("")
+    out = check(run(base_args(*data, runs, name), ranks=ranks))
+    assert "resumed from step_00000002_universal (universal checkpoint): step 2" in out
+    after, before = metrics(runs / name), metrics(src)[2:]
+    assert [m["step"] for m in after] == [3, 4]
+    assert [m["consumed_samples"] for m in after] == [24, 32]
+    for a, b in zip(after, before, strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-5
+        assert a["lang_tokens"] == b["lang_tokens"]  # the same samples, language by language
+
+
+def test_zero3_gdes_matches_zero0_and_keeps_rtd_out_of_generator_embeddings(runs, data):
+    """ZeRO-3 (parameters partitioned, gathered per module) vs ZeRO-0, 2 ranks, GDES, no
+    clipping (a global norm would couple the two losses): same losses. A ZeRO-3 run with
+    rtd_weight=0 trains the same generator, E_G included: the RTD loss never reaches it."""
+    common = {"optim__grad_clip": 0.0, "model__sharing": "gdes"}
+    z0 = base_args(*data, runs, "z0", deepspeed__configs="ds_configs/zero0.json", **common)
+    z3 = base_args(*data, runs, "z3", deepspeed__configs="ds_configs/zero3.json", **common)
+    z3_no_rtd = base_args(
+        *data,
+        runs,
+        "z3_no_rtd",
+        deepspeed__configs="ds_configs/zero3.json",
+        model__rtd_weight=0.0,
+        **common,
+    )
+    check(run(z0, ranks=2))
+    check(run(z3, ranks=2))
+    check(run(z3_no_rtd, ranks=2))
+    a, b = losses(runs / "z0"), losses(runs / "z3")
+    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5, (a, b)
+
+    w, w0 = weights(runs / "z3", STEPS), weights(runs / "z3_no_rtd", STEPS)
+    e_g = "generator.deberta.embeddings.word_embeddings.weight"
+    e_delta = "discriminator.embeddings.word_embeddings.weight"
+    assert not torch.equal(w[e_g], weights(runs / "z3", 2)[e_g])  # E_G was trained
+    assert (w[e_delta] - w0[e_delta]).abs().max() > 1e-4  # negative control: RTD trains E_delta
+    for name in w:
+        if name.startswith("generator."):
+            torch.testing.assert_close(w[name], w0[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero0"])
+def test_nonfinite_steps_are_skipped_then_stop(runs, data, zero):
+    name = f"nan_{zero}"
+    args = base_args(
+        *data,
+        runs,
+        name,
+        train__max_steps=10,
+        train__inject_nonfinite_steps="1,3,4,5",  # 0-based step indices
+        train__max_nonfinite_in_a_row=3,
+        deepspeed__configs=f"ds_configs/{zero}.json",
+    )
+    done = run(args, ranks=1)
+    assert done.returncode == 3, done.stdout[-4000:]
+    assert "step 2: non-finite loss or gradient, step skipped (1 in a row, 1 in total)" in (
+        done.stdout
+    )
+    assert (
+        "stopping: 3 non-finite steps in a row (limit train.max_nonfinite_in_a_row=3)"
+        in done.stdout
+    )
+    m = {r["step"]: r for r in metrics(runs / name)}
+    assert math.isfinite(m[3]["loss"]) and m[3]["nonfinite_steps"] == 1  # recovered
+    assert m[5]["nonfinite_steps"] == 3
+    assert 6 not in m  # stopped at the third in a row
+    w = weights(runs / name, 4)  # a checkpoint after skipped steps: weights still finite
+    assert all(torch.isfinite(t).all() for t in w.values())
+    assert w.keys() == weights(runs / name, 2).keys()
+
+
+def test_killed_rank_fails_fast_and_the_same_command_resumes(runs, data):
+    """A rank dies while writing the step-4 checkpoint (SIGKILL, test hook): the launcher exits
+    non-zero in bounded time and step 4 is not complete. The command again (without the hook)
+    resumes from step 2; a rank SIGKILLed from outside mid-run ends that run too; the command
+    once more resumes from the newest complete checkpoint and finishes."""
+    import signal
+    import time
+
+    import psutil
+
+    from tests.launcher.helpers import start
+
+    name, ckpts = "fault", runs / "fault" / "checkpoints"
+    args = base_args(*data, runs, name, train__max_steps=8)
+    t0 = time.time()
+    crashed = run([*args, "--checkpoint.test_crash_before_marker_step=4"], ranks=2, timeout=240)
+    assert crashed.returncode != 0 and time.time() - t0 < 200
+    assert (ckpts / "step_00000004").is_dir()
+    assert not (ckpts / "step_00000004" / "COMPLETE.json").exists()
+
+    proc = start(args, ranks=2)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if any(m["step"] >= 5 for m in metrics(runs / name)):
+            break
+        time.sleep(0.05)
+    ranks = [
+        p
+        for p in psutil.Process(proc.pid).children(recursive=True)
+        if "--local_rank=1" in p.cmdline()
+    ]
+    assert ranks, "rank 1 not found (run ended too early?)"
+    killed_at = time.time()
+    ranks[0].send_signal(signal.SIGKILL)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert time.time() - killed_at < 60  # no hang
+    assert "resumed from step_00000002: step 2" in out
+    complete = sorted(p.parent.name for p in ckpts.glob("step_*/COMPLETE.json"))
+    assert complete and complete[-1] >= "step_00000004"
+
+    out = check(run(args, ranks=2))
+    assert f"resumed from {complete[-1]}: step {int(complete[-1][5:])}" in out
+    assert [m["step"] for m in metrics(runs / name)] == list(range(1, 9))
