@@ -19,7 +19,9 @@ shard is hashed against the manifest then (once per process; `verify_hashes=Fals
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,7 +65,6 @@ class ShardStream:
         starts = np.concatenate([[0], np.cumsum(self.block_counts)[:-1]])
         self._slot_lang = np.repeat(np.arange(len(self.rows)), self.block_counts)
         self._slot_start = starts
-        # language l's rows are its shards in manifest order: row r -> (shard, offset)
         # language l's rows are its shards in manifest order; all languages concatenated:
         # flat row = _lang_base[l] + row, and _flat_starts / _flat_shard map it to a shard
         order = sorted(range(len(m.shards)), key=lambda i: lang_index[m.shards[i].language])
@@ -236,6 +237,11 @@ class ShardStream:
         sample_index = np.arange(first, first + micro_batch_size, dtype=np.int64)
         ids, lang = self.sample_ids(sample_index)
         return {"input_ids": ids, "lang": lang, "sample_index": sample_index}
+
+    def fingerprint(self) -> str:
+        """sha256 naming the whole sample sequence: data (manifest) and order settings."""
+        blob = json.dumps([self.manifest.fingerprint(), self.seed, self.alpha, self.block_size])
+        return hashlib.sha256(blob.encode()).hexdigest()
 
     def language_weights(self) -> dict[str, float]:
         return dict(zip(self.manifest.languages, self.q.tolist(), strict=True))

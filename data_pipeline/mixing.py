@@ -22,6 +22,7 @@ def largest_remainder(q: np.ndarray, total: int) -> np.ndarray:
     exact = np.asarray(q, dtype=np.float64) * total
     counts = np.floor(exact).astype(np.int64)
     short = total - int(counts.sum())
-    order = np.lexsort((np.arange(len(exact)), -(exact - counts)))
+    remainder = np.where(exact > 0, exact - counts, -1.0)  # a zero weight never gets a unit
+    order = np.lexsort((np.arange(len(exact)), -remainder))
     counts[order[:short]] += 1
     return counts

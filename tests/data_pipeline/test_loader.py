@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from data_pipeline.loader import ShardStream
+from data_pipeline.mixing import language_weights, largest_remainder
 from data_pipeline.permutation import derive_key, permute
 
 
@@ -150,3 +151,19 @@ def test_chunked_iteration_crosses_chunks_and_strides(shards_dir):
     strided = _take(s.iter_micro_batches(*args, first=1, stride=3), 100)
     for k, b in enumerate(strided):
         np.testing.assert_array_equal(b["input_ids"], items[1 + 3 * k]["input_ids"])
+
+
+def test_largest_remainder_and_weights():
+    q = language_weights(np.array([1000, 10, 0, 1]), alpha=0.3)
+    assert q[2] == 0 and np.isclose(q.sum(), 1)
+    counts = largest_remainder(q, 4096)
+    assert counts.sum() == 4096 and counts[2] == 0
+    assert np.all(np.abs(counts - 4096 * q) < 1)
+    assert largest_remainder(np.array([0.5, 0.5]), 3).tolist() == [2, 1]  # ties: lower index
+
+
+def test_stream_fingerprint_names_the_sequence(shards_dir):
+    a = ShardStream(shards_dir, seed=1).fingerprint()
+    assert a == ShardStream(shards_dir, seed=1).fingerprint()
+    assert a != ShardStream(shards_dir, seed=2).fingerprint()
+    assert a != ShardStream(shards_dir, seed=1, alpha=0.5).fingerprint()
