@@ -6,15 +6,18 @@ a subset of the bundled corpus, in about 10 s on one core:
 - `small_corpus_dir`: the first ~160 KB of each of the 12 languages of
   data/cc100-sample, as plain `{lang}.txt` files (CC100 format).
 - `tokenizer_dir`: a directory with `spm.model` (sentencepiece unigram, vocab 2000,
-  [PAD]=0 [CLS]=1 [SEP]=2 [UNK]=3 [MASK]=4) and `tokenizer_meta.json`; load it with
+  [PAD]=0 [CLS]=1 [SEP]=2 [UNK]=3 [MASK]=4), `tokenizer_meta.json` and
+  `tokenizer_config.json`; load it with
   `data_pipeline.tokenizer.load_tokenizer_dir(tokenizer_dir)` or Hugging Face's
-  `DebertaV2Tokenizer.from_pretrained(tokenizer_dir)` (same ids).
-- `shards_dir`: Arrow shards + manifest.json at seq_len 128 (`SHARDS_SEQ_LEN`), a few
-  hundred rows per language; open with `data_pipeline.loader.ShardStream(shards_dir)` or
+  `AutoTokenizer/DebertaV2Tokenizer.from_pretrained(tokenizer_dir)` (same ids).
+- `shards_dir`: Arrow shards + manifest.json at seq_len 128 (`SHARDS_SEQ_LEN`), 12
+  languages, 300-750 rows each in shards of 128 rows; open with
+  `data_pipeline.loader.ShardStream(shards_dir)` or
   `data_pipeline.manifest.load_manifest(shards_dir)`.
 
 They are session-scoped and shared: tests must not modify them (copy first, see
-`copy_shards`).
+`copy_shards`). For subprocesses: `PYTHON`, `REPO_ROOT` (the cwd) and `run_env()` (puts the
+repository on PYTHONPATH).
 """
 
 from __future__ import annotations
