@@ -33,6 +33,7 @@ _SUFFIXES = {".txt": "plain", ".txt.xz": "xz", ".txt.gz": "gz"}
 _LANG_RE = re.compile(r"^[A-Za-z]{2,3}([_-][A-Za-z0-9]+)*$")
 _SPECIAL_LITERAL_RE = re.compile(r"\[(CLS|SEP|PAD|UNK|MASK)\]")
 DEFAULT_MAX_PARAGRAPH_CHARS = 20_000
+_SNIFF_LINES = 1000  # a file whose first lines are mostly invalid UTF-8 is not text
 
 
 class CorpusError(ValueError):
@@ -215,6 +216,11 @@ def _documents(inp: InputFile, f, stats: ReadStats, max_chars: int) -> Iterator[
         except UnicodeDecodeError:
             text = raw.decode("utf-8", errors="replace").strip()
             stats.invalid_utf8_lines += 1
+            if stats.lines <= _SNIFF_LINES and stats.invalid_utf8_lines > _SNIFF_LINES // 2:
+                raise CorpusError(
+                    f"{inp.path}: not UTF-8 text ({stats.invalid_utf8_lines} of the first "
+                    f"{stats.lines} lines are invalid UTF-8): a binary file or another encoding"
+                ) from None
         if not text:
             if continuation:
                 continue

@@ -85,6 +85,13 @@ def test_binary_file_is_a_clear_error(tmp_path):
         _read(tmp_path / "en.txt")
 
 
+def test_non_utf8_file_is_a_clear_error(tmp_path):
+    """A file without NUL bytes that is not UTF-8 (here Latin-1) is refused, not garbled."""
+    (tmp_path / "de.txt").write_bytes("Grüße aus München\n".encode("latin-1") * 2000)
+    with pytest.raises(CorpusError, match=r"de\.txt: not UTF-8 text \(501 of the first 501 lines"):
+        _read(tmp_path / "de.txt")
+
+
 @pytest.fixture
 def eo_xz_bytes():
     return (SAMPLE_CORPUS / "eo.txt.xz").read_bytes()
