@@ -204,47 +204,59 @@ def _documents(inp: InputFile, f, stats: ReadStats, max_chars: int) -> Iterator[
     doc: list[str] = []
     blank_run = 1  # a blank run at the start of the file is an empty document too
     pending_split = False  # the previous piece belongs to a paragraph already counted as split
-    for raw, continuation in _raw_lines(f, 4 * max_chars + 4):
-        stats.lines += not continuation
-        if b"\x00" in raw:
-            raise CorpusError(
-                f"{inp.path}: looks like a binary file (NUL byte on line {stats.lines}); "
-                "expected UTF-8 text, one paragraph per line"
-            )
-        try:
-            text = raw.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            text = raw.decode("utf-8", errors="replace").strip()
-            stats.invalid_utf8_lines += 1
-            if stats.lines <= _SNIFF_LINES and stats.invalid_utf8_lines > _SNIFF_LINES // 2:
+    lines = paragraphs = chars = 0  # hot counters live in locals, flushed into stats below
+    try:
+        for raw, continuation in _raw_lines(f, 4 * max_chars + 4):
+            lines += not continuation
+            if b"\x00" in raw:
                 raise CorpusError(
-                    f"{inp.path}: not UTF-8 text ({stats.invalid_utf8_lines} of the first "
-                    f"{stats.lines} lines are invalid UTF-8): a binary file or another encoding"
-                ) from None
-        if not text:
-            if continuation:
+                    f"{inp.path}: looks like a binary file (NUL byte on line {lines}); "
+                    "expected UTF-8 text, one paragraph per line"
+                )
+            try:
+                text = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                text = raw.decode("utf-8", errors="replace").strip()
+                stats.invalid_utf8_lines += 1
+                if lines <= _SNIFF_LINES and stats.invalid_utf8_lines > _SNIFF_LINES // 2:
+                    raise CorpusError(
+                        f"{inp.path}: not UTF-8 text ({stats.invalid_utf8_lines} of the first "
+                        f"{lines} lines are invalid UTF-8): a binary file or another encoding"
+                    ) from None
+            if not text:
+                if continuation:
+                    continue
+                if doc:
+                    stats.documents += 1
+                    yield doc
+                    doc, blank_run = [], 0
+                blank_run += 1
+                stats.empty_documents += blank_run == 2
                 continue
-            if doc:
-                stats.documents += 1
-                yield doc
-                doc, blank_run = [], 0
-            blank_run += 1
-            stats.empty_documents += blank_run == 2
-            continue
-        blank_run = 0
-        if "[" in text:
-            text, n = _SPECIAL_LITERAL_RE.subn(r"[ \1]", text)
-            stats.special_literals += n
-        if continuation and not pending_split:
-            stats.split_paragraphs += 1
-        pending_split = continuation
-        pieces = [text] if len(text) <= max_chars else _split_long(text, max_chars)
-        if len(pieces) > 1 and not continuation:
-            stats.split_paragraphs += 1
-            pending_split = True
-        stats.paragraphs += len(pieces)
-        stats.chars += sum(map(len, pieces))
-        doc.extend(pieces)
-    if doc:
-        stats.documents += 1
-        yield doc
+            blank_run = 0
+            if "[" in text:
+                text, n = _SPECIAL_LITERAL_RE.subn(r"[ \1]", text)
+                stats.special_literals += n
+            if len(text) <= max_chars and not continuation:  # the common case
+                doc.append(text)
+                paragraphs += 1
+                chars += len(text)
+                pending_split = False
+                continue
+            if continuation and not pending_split:
+                stats.split_paragraphs += 1
+            pending_split = continuation
+            pieces = _split_long(text, max_chars)
+            if len(pieces) > 1 and not continuation:
+                stats.split_paragraphs += 1
+                pending_split = True
+            paragraphs += len(pieces)
+            chars += sum(map(len, pieces))
+            doc.extend(pieces)
+        if doc:
+            stats.documents += 1
+            yield doc
+    finally:
+        stats.lines += lines
+        stats.paragraphs += paragraphs
+        stats.chars += chars
