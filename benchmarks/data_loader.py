@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -58,7 +57,7 @@ def measure(shards: str, samples: int, global_batch: int, micro: int, world: int
         "rows": sum(s.rows for s in stream.manifest.shards),
         "tokens_per_s": n_tokens / seconds,
         "warmup_s": warmup_s,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": _status_kb("VmHWM") / 1024,  # ru_maxrss would include the parent's
         "rss_anon_mb": _status_kb("RssAnon") / 1024,
         "rss_file_mb": _status_kb("RssFile") / 1024,
     }
