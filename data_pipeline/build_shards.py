@@ -368,7 +368,9 @@ def _summary(manifest: Manifest, seconds: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m data_pipeline.build_shards", description=__doc__.split("\n\n")[0]
+        prog="python -m data_pipeline.build_shards",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--input", nargs="+", required=True, help="files, directories or globs")
     ap.add_argument("--tokenizer", required=True, help="directory with spm.model (or a .model)")

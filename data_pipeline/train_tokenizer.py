@@ -181,7 +181,9 @@ def write_hf_config(out_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m data_pipeline.train_tokenizer", description=__doc__.split("\n\n")[0]
+        prog="python -m data_pipeline.train_tokenizer",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--input", nargs="+", required=True, help="files, directories or globs")
     ap.add_argument("--out", required=True, help="output directory")

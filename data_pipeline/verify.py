@@ -62,7 +62,9 @@ def verify(shards_dir: str | Path, progress: bool = True) -> dict[str, list[str]
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m data_pipeline.verify", description=__doc__.split("\n\n")[0]
+        prog="python -m data_pipeline.verify",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("shards_dir")
     args = ap.parse_args(argv)
