@@ -19,6 +19,7 @@ E_G and of E_D, and the mean cosine between E_G and E_D of the same token.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from dataclasses import asdict, dataclass
@@ -87,13 +88,17 @@ def from_run(run_dir: str | Path, step: int | None = None, label: str | None = N
 def from_export(out_dir: str | Path, shards_dir: str | Path | None = None, label=None):
     from safetensors.torch import load_file
 
-    from launcher.export import EXPORT_META
+    from launcher.export import EXPORT_META, ExportError, load_run
 
     out_dir = Path(out_dir)
     meta_path = out_dir / EXPORT_META
     if not meta_path.is_file():
-        raise SystemExit(f"{out_dir}: no {EXPORT_META} (not an rtdspeed export)")
+        raise ExportError(f"{out_dir}: no {EXPORT_META} (not an rtdspeed export)")
     meta = json.loads(meta_path.read_text())
+    if shards_dir is None and (Path(meta["run"]) / "config.toml").is_file():
+        with contextlib.suppress(ExportError):  # the run's shards, if still there
+            manifest = load_run(meta["run"]).manifest
+            shards_dir = manifest.root if manifest is not None else None
     return Embeddings(
         label=label or out_dir.name,
         sharing=meta["sharing"],
@@ -233,10 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     top = tuple(int(k) for k in args.top.split(","))
     try:
         embs = [from_run(r, args.step) for r in args.run]
+        embs += [from_export(e, args.shards) for e in args.export]
     except ExportError as e:
         print(f"rtdspeed analyze: error: {e}", file=sys.stderr)
         return 2
-    embs += [from_export(e, args.shards) for e in args.export]
     rows = [row for emb in embs for row in analyze(emb, top)]
     out = Path(args.out) if args.out else Path((args.run or args.export)[0]) / "analysis"
     paths = write_outputs(rows, out)

@@ -234,6 +234,23 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
 
 
 # -- export --------------------------------------------------------------------------------
+def _write_dirs(tmp: Path, run: RunFiles, step: int, model, parts, client, meta) -> None:
+    from launcher.model_card import model_card
+    from launcher.tokenizer_export import write_tokenizer_files
+
+    configs = hf_configs(model)
+    st_meta = {"rtdspeed_step": str(step), "rtdspeed_sharing": model.sharing}
+    for name in ("discriminator", "generator"):
+        d = tmp / name
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps(configs[name], indent=2, sort_keys=True) + "\n")
+        save_safetensors(parts[name], d / WEIGHTS_FILE, st_meta)
+        write_tokenizer_files(run.tokenizer, d, model.config.max_position_embeddings)
+        (d / "README.md").write_text(model_card(name, run, step, configs[name], client, meta))
+    save_safetensors(parts["rtd_head"], tmp / "discriminator" / RTD_HEAD_FILE, st_meta)
+    (tmp / EXPORT_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
 def export(
     run_dir: str | Path,
     out: str | Path,
@@ -242,9 +259,6 @@ def export(
     force: bool = False,
 ) -> Path:
     """Export one checkpoint of `run_dir` into `out`; returns `out`."""
-    from launcher.model_card import model_card
-    from launcher.tokenizer_export import write_tokenizer_files
-
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise ExportError(f"--out {out} exists and is not empty; use --force to replace it")
@@ -255,7 +269,6 @@ def export(
     check_state_dict(model, sd, tag_dir)
     parts = model.hf_state_dicts(sd)
     client = read_client_state(tag_dir)
-    configs = hf_configs(model)
     meta = {
         "run": str(run.run_dir.resolve()),
         "step": found,
@@ -269,22 +282,14 @@ def export(
     }
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    st_meta = {"rtdspeed_step": str(found), "rtdspeed_sharing": model.sharing}
-    max_len = model.config.max_position_embeddings
-    for name in ("discriminator", "generator"):
-        d = tmp / name
-        d.mkdir(parents=True)
-        (d / "config.json").write_text(json.dumps(configs[name], indent=2, sort_keys=True) + "\n")
-        save_safetensors(parts[name], d / WEIGHTS_FILE, st_meta)
-        write_tokenizer_files(run.tokenizer, d, max_len)
-        card = model_card(name, run, found, configs[name], client, meta)
-        (d / "README.md").write_text(card)
-    save_safetensors(parts["rtd_head"], tmp / "discriminator" / RTD_HEAD_FILE, st_meta)
-    (tmp / EXPORT_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    try:
+        _write_dirs(tmp, run, found, model, parts, client, meta)
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

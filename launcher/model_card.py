@@ -116,7 +116,16 @@ def model_card(kind: str, run, step: int, hf_config: dict, client: dict, meta: d
     else:
         lines.append("No metrics were logged up to this step.")
     lines += ["", "## Data", "", *_data_table(run, client), ""]
+    config_toml = run.run_dir / "config.toml"
     lines += [
+        "<details><summary>Resolved run config (config.toml)</summary>",
+        "",
+        "```toml",
+        config_toml.read_text().rstrip() if config_toml.is_file() else "(missing)",
+        "```",
+        "",
+        "</details>",
+        "",
         "## Tokenizer",
         "",
         "sentencepiece unigram (`spm.model`) with `tokenizer.json` pinning the exact encoding "
