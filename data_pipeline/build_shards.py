@@ -85,8 +85,10 @@ class BuildSettings:
 _worker_encoder: Encoder | None = None  # one per worker process, set by _init_worker
 
 
-def _init_worker(model_path: str) -> None:
+def _init_worker(model_path: str, pool_process: bool = True) -> None:
     global _worker_encoder
+    if pool_process:  # one core per encoder process (the `tokenizers` reference path)
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_encoder = Encoder(model_path)
 
 
@@ -115,7 +117,7 @@ class _InlinePool:
     """`--workers 1`: encode in this process, same code path as the pool."""
 
     def __init__(self, model_path: str):
-        _init_worker(model_path)
+        _init_worker(model_path, pool_process=False)
 
     def apply_async(self, fn, args) -> _Ready:
         return _Ready(fn(*args))
@@ -315,7 +317,6 @@ def build_shards(
         comm.Barrier()
     mine = assign_files(files, world)[rank]
 
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per encoder process
     if workers == 1:
         pool = _InlinePool(str(tok.model_path))
     else:
