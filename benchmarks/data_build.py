@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -45,6 +46,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="best of N for each measurement")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_build_"))
+    try:
+        measure_all(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def measure_all(args, work: Path) -> None:
     tok_dir = Path(args.tokenizer) if args.tokenizer else work / "tok"
     if args.tokenizer is None:
         train_tokenizer([args.input], tok_dir, vocab_size=8000, progress=False)

@@ -101,6 +101,13 @@ def main() -> None:
         return
 
     work = Path(tempfile.mkdtemp(prefix="bench_loader_"))
+    try:
+        run_cases(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_cases(args, work: Path) -> None:
     if args.shards is None:
         from data_pipeline.build_shards import build_shards
         from data_pipeline.train_tokenizer import train_tokenizer
@@ -129,7 +136,6 @@ def main() -> None:
         print(f"{corpus.name:8} {r['rows']:>8} {f'{g}/{m}/{w}':>12} {r['tokens_per_s']:>14,.0f} "
               f"{r['warmup_s']:>9.2f} {r['peak_rss_mb']:>11.1f} {r['rss_anon_mb']:>8.1f} "
               f"{r['rss_file_mb']:>8.1f}")  # fmt: skip
-    shutil.rmtree(work / "10x")
 
 
 if __name__ == "__main__":
