@@ -9,7 +9,8 @@ Steps (each a subprocess running the project's own command line tools):
 2. `python -m data_pipeline.build_shards` at seq_len 128
 3. `deepspeed --num_gpus 2 launcher/pretrain.py --config launcher/recipes/demo.toml ...`
    (2 CPU ranks without CUDA), a tiny DeBERTaV3 with GDES under ZeRO-2
-4. a summary from the run's metrics.jsonl: first vs last losses and accuracies, and the
+4. `python -m launcher.export` of the newest checkpoint to Hugging Face directories
+5. a summary from the run's metrics.jsonl: first vs last losses and accuracies, and the
    discriminator accuracy of always answering "original" (1 - replaced fraction).
 
 Re-running is idempotent: a tokenizer or shard directory that is already complete is reused,
@@ -58,14 +59,14 @@ def prepare_data(out: Path, vocab: int) -> tuple[Path, Path]:
     else:
         cmd = [sys.executable, "-m", "data_pipeline.train_tokenizer", "--input", str(CORPUS)]
         cmd += ["--vocab-size", str(vocab), "--out", str(tok)]
-        sh(cmd, "1/3 tokenizer")
+        sh(cmd, "1/4 tokenizer")
     if (shards / "manifest.json").is_file():
         print(f"demo: reusing shards {shards}")
     else:
         cmd = [sys.executable, "-m", "data_pipeline.build_shards", "--input", str(CORPUS)]
         cmd += ["--tokenizer", str(tok), "--out", str(shards), "--seq-len", "128"]
         cmd += ["--workers", "2"]
-        sh(cmd, "2/3 shards")
+        sh(cmd, "2/4 shards")
     return tok, shards
 
 
@@ -75,39 +76,56 @@ def train(out: Path, tok: Path, shards: Path, ranks: int, extra: list[str]) -> P
     cmd += [str(REPO / "launcher" / "pretrain.py"), "--config", str(RECIPE)]
     cmd += [f"--data.shards_dir={shards}", f"--data.tokenizer_dir={tok}"]
     cmd += [f"--run.output_dir={out / 'runs'}", *extra]
-    sh(cmd, f"3/3 pretraining on {ranks} ranks (ZeRO-2)")
+    sh(cmd, f"3/4 pretraining on {ranks} ranks (ZeRO-2)")
     return out / "runs" / "demo"
 
 
-def summarize(run_dir: Path, seconds: float) -> bool:
+def export(run_dir: Path, out: Path) -> Path:
+    dest = out / "export"
+    cmd = [sys.executable, "-m", "launcher.export", "--run", str(run_dir), "--out", str(dest)]
+    sh([*cmd, "--force"], "4/4 export to Hugging Face directories")
+    return dest
+
+
+def _mean(records: list[dict], key: str) -> float:
+    return sum(r[key] for r in records) / len(records)
+
+
+def summarize(run_dir: Path, seconds: float, window: int = 3) -> bool:
+    """First vs last logged metrics, each averaged over `window` log records (one batch is
+    noisy); the baseline is the accuracy of always answering "original"."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     by_step = {r["step"]: r for r in records}
     steps = sorted(by_step)
-    first, last = by_step[steps[0]], by_step[steps[-1]]
-    baseline = 1.0 - last["replaced_frac"]
+    first = [by_step[s] for s in steps[:window]]
+    last = [by_step[s] for s in steps[-window:]]
     print(f"\n=== summary ({seconds / 60:.1f} min this invocation)")
-    print(f"{'':24}{'step ' + str(steps[0]):>12}{'step ' + str(steps[-1]):>12}")
-    for key, label in [
+    head = f"steps {steps[0]}-{steps[window - 1]}", f"steps {steps[-window]}-{steps[-1]}"
+    print(f"{'':26}{head[0]:>14}{head[1]:>14}")
+    rows = [
         ("loss", "total loss"),
         ("mlm_loss", "generator MLM loss"),
         ("rtd_loss", "discriminator RTD loss"),
         ("gen_acc", "generator accuracy"),
         ("disc_acc", "discriminator accuracy"),
-    ]:
-        print(f"{label:24}{first[key]:>12.4f}{last[key]:>12.4f}")
-    print(f"{'always-original acc':24}{1.0 - first['replaced_frac']:>12.4f}{baseline:>12.4f}")
+    ]
+    for key, label in rows:
+        print(f"{label:26}{_mean(first, key):>14.4f}{_mean(last, key):>14.4f}")
+    base_first, base_last = 1 - _mean(first, "replaced_frac"), 1 - _mean(last, "replaced_frac")
+    print(f"{'always-original accuracy':26}{base_first:>14.4f}{base_last:>14.4f}")
     learned = (
-        last["loss"] < first["loss"]
-        and last["gen_acc"] > first["gen_acc"]
-        and last["disc_acc"] > baseline
+        _mean(last, "loss") < _mean(first, "loss")
+        and _mean(last, "gen_acc") > _mean(first, "gen_acc")
+        and _mean(last, "disc_acc") > base_last
     )
+    verdict = "yes" if learned else "NO"
     print(
-        f"\nlearned visibly: {'yes' if learned else 'NO'} (losses down, generator accuracy up, "
-        "discriminator above the always-original baseline)"
+        f"\nlearned visibly: {verdict} (losses down, generator accuracy up, discriminator "
+        "above the always-original baseline)"
     )
-    print(f"run directory:   {run_dir}  (config.toml, ds_config.json, metrics.jsonl)")
-    print(f"checkpoints:     {run_dir / 'checkpoints'}")
-    print(f"TensorBoard:     tensorboard --logdir {run_dir / 'tensorboard'}")
+    print(f"run directory:  {run_dir}  (config.toml, ds_config.json, metrics.jsonl)")
+    print(f"checkpoints:    {run_dir / 'checkpoints'}")
+    print(f"TensorBoard:    tensorboard --logdir {run_dir / 'tensorboard'}")
     return learned
 
 
@@ -126,7 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     tok, shards = prepare_data(out, args.vocab_size)
     extra = [f"--train.max_steps={args.steps}"] if args.steps else []
     run_dir = train(out, tok, shards, args.ranks, extra)
-    return 0 if summarize(run_dir, time.time() - t0) else 1
+    exported = export(run_dir, out)
+    learned = summarize(run_dir, time.time() - t0)
+    print(f"export:         {exported}/discriminator, {exported}/generator (AutoModel-loadable)")
+    return 0 if learned else 1
 
 
 if __name__ == "__main__":
