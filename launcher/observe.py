@@ -6,6 +6,7 @@ and micro batches; token counts summed). TensorBoard tags:
     loss/total loss/mlm loss/rtd            acc/generator acc/discriminator
     rtd/precision rtd/recall rtd/replaced_frac
     optim/lr optim/grad_norm optim/loss_scale (fp16 only) optim/nonfinite_steps
+    optim/skipped_steps (DeepSpeed's: fp16 overflow and ZeRO non-finite skips)
     perf/tokens_per_s perf/samples_per_s perf/tflops_per_rank perf/mfu
     memory/rss_gb memory/cuda_max_allocated_gb (CUDA only)
     tokens/total tokens/<lang>
@@ -50,6 +51,7 @@ TB_NAMES = {
     "grad_norm": "optim/grad_norm",
     "loss_scale": "optim/loss_scale",
     "nonfinite_steps": "optim/nonfinite_steps",
+    "skipped_steps": "optim/skipped_steps",
     "tokens_per_s": "perf/tokens_per_s",
     "samples_per_s": "perf/samples_per_s",
     "tflops_per_rank": "perf/tflops_per_rank",

@@ -161,6 +161,7 @@ def step_metrics(engine, result: dict, run: Run, seconds: float, state: TrainSta
         lr=result["lr"],
         grad_norm=float(gnorm) if gnorm is not None else float("nan"),
         nonfinite_steps=state.nonfinite_steps,
+        skipped_steps=engine.skipped_steps,  # DeepSpeed's count: overflow (fp16) and ZeRO skips
         samples_per_s=samples / seconds,
         tokens_per_s=result["flags"][2].item() / seconds,
         tokens=state.tokens,

@@ -95,7 +95,7 @@ def test_tensorboard_tags_have_sane_values(two_rank):
     assert last["optim/lr"] == pytest.approx(1e-3)  # step 4 trains with lr(2) = peak
     for tag in ("perf/tokens_per_s", "perf/samples_per_s", "perf/tflops_per_rank", "perf/mfu"):
         assert last[tag] > 0, tag
-    assert last["optim/nonfinite_steps"] == 0
+    assert last["optim/nonfinite_steps"] == last["optim/skipped_steps"] == 0
     assert last["tokens/total"] == STEPS * 8 * 128  # rows are full: no padding
     langs = [t for t in tags if t.startswith("tokens/") and t != "tokens/total"]
     assert len(langs) == 12
@@ -259,3 +259,16 @@ def test_killed_rank_fails_fast_and_the_same_command_resumes(runs, data):
     out = check(run(args, ranks=2))
     assert f"resumed from {complete[-1]}: step {int(complete[-1][5:])}" in out
     assert [m["step"] for m in metrics(runs / name)] == list(range(1, 9))
+
+
+def test_resume_that_changes_the_data_order_is_refused_unless_forced(runs, data, one_rank):
+    shutil.copytree(one_rank[0], runs / "reseeded")
+    args = base_args(*data, runs, "reseeded", run__seed=7)
+    refused = run(args, ranks=1)
+    assert refused.returncode == 2
+    assert "refusing to resume: these settings changed since the checkpoint" in refused.stdout
+    assert "seed: checkpoint 1234 -> now 7" in refused.stdout
+    assert "--checkpoint.force_resume=true" in refused.stdout
+    forced = check(run([*args, "--checkpoint.force_resume=true"], ranks=1))
+    assert "WARNING: forced resume with a changed data order" in forced
+    assert "resumed from step_00000004: step 4" in forced
