@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import socket
@@ -91,9 +92,15 @@ def _mean(records: list[dict], key: str) -> float:
     return sum(r[key] for r in records) / len(records)
 
 
+def _entropy(p: float) -> float:
+    """Binary cross-entropy of always predicting the replaced fraction p (knows no context)."""
+    return -(p * math.log(p) + (1 - p) * math.log(1 - p))
+
+
 def summarize(run_dir: Path, seconds: float, window: int = 3) -> bool:
     """First vs last logged metrics, each averaged over `window` log records (one batch is
-    noisy); the baseline is the accuracy of always answering "original"."""
+    noisy). Baselines that know only the replaced fraction p: the accuracy of always answering
+    "original" (1 - p) and the RTD loss of predicting p everywhere (binary entropy of p)."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     by_step = {r["step"]: r for r in records}
     steps = sorted(by_step)
@@ -113,6 +120,8 @@ def summarize(run_dir: Path, seconds: float, window: int = 3) -> bool:
         print(f"{label:26}{_mean(first, key):>14.4f}{_mean(last, key):>14.4f}")
     base_first, base_last = 1 - _mean(first, "replaced_frac"), 1 - _mean(last, "replaced_frac")
     print(f"{'always-original accuracy':26}{base_first:>14.4f}{base_last:>14.4f}")
+    h_first, h_last = _entropy(1 - base_first), _entropy(1 - base_last)
+    print(f"{'prior-only RTD loss':26}{h_first:>14.4f}{h_last:>14.4f}")
     learned = (
         _mean(last, "loss") < _mean(first, "loss")
         and _mean(last, "gen_acc") > _mean(first, "gen_acc")
