@@ -2,7 +2,8 @@
 here with debootstrap (no container registry needed), with the CPU torch wheel fed through
 docker/wheelhouse/ (no CUDA wheels downloaded). Then, in containers, as the image's non-root
 user and without network: tokenizer training and shard building on the bundled corpus, a
-2-rank DeepSpeed training on the CPU, a resume of it, and the export to Hugging Face.
+2-rank DeepSpeed training on the CPU, a resume of it, another through the multi-node path
+(`deepspeed --hostfile` -> pdsh -> ssh -> `rtdspeed sshd`), and the export to Hugging Face.
 
 Cached between runs on one machine: the base rootfs tarball (docker/make_base_image.sh), the
 image layers (podman's store; a code change rebuilds the last layers only) and pip's cache
@@ -247,17 +248,24 @@ def test_image_runs_the_pipeline_as_non_root(image, work, pytestconfig):
     assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4, 5, 6]
     assert (run / "checkpoints" / "step_00000006" / "COMPLETE.json").is_file()
 
-    # 5. what `deepspeed --hostfile` needs between nodes: sshd as the user, pdsh over ssh
-    ssh = (
-        "ssh-keygen -q -t ed25519 -N '' -f ~/.ssh/id_ed25519 && "
-        "cp ~/.ssh/id_ed25519.pub ~/.ssh/authorized_keys && "
-        "for i in $(seq 50); do ssh localhost true 2>/dev/null && break; sleep 0.2; done; "
-        "pdsh -R ssh -w localhost 'python -c \"import deepspeed, torch; print(42)\"; id -un'"
+    # 5. the multi-node path, on one machine: `deepspeed --hostfile` (forced to use pdsh even
+    # for one host) reaches the node over ssh, served by `rtdspeed sshd` as the user; the run
+    # resumes once more, 6 -> 8
+    (work / "hostfile").write_text("localhost slots=2\n")
+    launcher = "deepspeed --hostfile work/hostfile --force_multi --master_addr 127.0.0.1"
+    hostfile_run = " ".join([launcher, "launcher/pretrain.py", *train_args(8)])
+    keys = (
+        "mkdir -p ~/.ssh && ssh-keygen -q -t ed25519 -N '' -f ~/.ssh/id_ed25519 && "
+        "cp ~/.ssh/id_ed25519.pub ~/.ssh/authorized_keys"
     )
     out = run_in(
-        image, work, "env", "RTDSPEED_SSHD=1", "rtdspeed", "bash", "-c", f"mkdir -p ~/.ssh && {ssh}"
+        image, work, "env", "RTDSPEED_SSHD=1", "rtdspeed", "bash", "-c", f"{keys} && {hostfile_run}"
     )
-    assert "localhost: 42" in out and "localhost: rtd" in out, out[-2000:]
+    assert "cmd = pdsh" in out and "localhost: rtdspeed: checkpoint step 8 saved" in out, out[
+        -3000:
+    ]
+    assert "resumed from step_00000006: step 6" in out, out[-3000:]
+    assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4, 5, 6, 7, 8]
 
     # 6. export to Hugging Face directories, loaded offline by transformers in the image
     if not (REPO_ROOT / "launcher" / "export.py").is_file():
