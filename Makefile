@@ -37,9 +37,11 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# slurm (started by the SLURM test itself) and pdsh; apt-installed when missing.
+# slurm (started by the SLURM test itself) and pdsh; podman, runc and debootstrap for the
+# container test (tests/docker/); apt-installed when missing.
 system-deps:
 	bash scripts/install_system_deps.sh
+	bash docker/install_host_tools.sh
 
 test: lint system-deps
 	$(BIN)/python -m pytest tests

@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import json
 import os
+import pickle
 import shutil
 import sys
 from dataclasses import dataclass
@@ -117,9 +118,21 @@ def select_checkpoint(run_dir: Path, step: int | None) -> tuple[int, Path]:
 
 
 # -- safe loading and consolidation --------------------------------------------------------
+def _enum_member(cls, name: str):
+    """`builtins.getattr` as some Pythons (3.11.0-3.11.4) pickle an enum member: by name,
+    `getattr(ZeroStageEnum, "gradients")`. Only members of the allowed enums resolve; a
+    plain getattr would let a crafted pickle reach any attribute of an allowed class."""
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    if cls is ZeroStageEnum and isinstance(name, str) and name in ZeroStageEnum.__members__:
+        return ZeroStageEnum[name]
+    raise pickle.UnpicklingError(f"refused getattr({cls!r}, {name!r}) in a checkpoint")
+
+
 def _checkpoint_globals() -> list:
     """The non-tensor types DeepSpeed checkpoints contain: numpy arrays (numpy RNG state in
-    the client state), the loss scaler, the ZeRO stage enum and fragment addresses."""
+    the client state), the loss scaler, the ZeRO stage enum (also pickled by name, see
+    `_enum_member`) and fragment addresses."""
     import numpy as np
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
@@ -134,6 +147,7 @@ def _checkpoint_globals() -> list:
         LossScaler,
         DynamicLossScaler,
         ZeroStageEnum,
+        (_enum_member, "builtins.getattr"),
         fragment_address,
     ]
 

@@ -185,3 +185,30 @@ def test_parity_with_project_model(stage, pretrained_run, exported, shards_dir, 
         logits_hf = gen(gen_ids, attention_mask=mask).logits[masked]
     assert (logits - logits_random).abs().max() > 1e-2  # negative control
     assert_close(logits_hf, logits, atol=1e-5, rtol=0)
+
+
+class _ByName:
+    """Pickles as `getattr(cls, name)`: how Python 3.11.0-3.11.4 (Debian bookworm's 3.11.2)
+    pickle an enum member, e.g. the ZeroStageEnum inside DeepSpeed's optimizer states."""
+
+    def __init__(self, cls, name):
+        self.cls, self.name = cls, name
+
+    def __reduce__(self):
+        return getattr, (self.cls, self.name)
+
+
+def test_enum_pickled_by_name_loads_and_other_getattr_is_refused(tmp_path):
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from launcher.export import weights_only_loading
+
+    good, bad = tmp_path / "good.pt", tmp_path / "bad.pt"
+    torch.save({"stage": _ByName(ZeroStageEnum, "gradients")}, good)
+    torch.save({"x": _ByName(ZeroStageEnum, "__init__")}, bad)
+    with pytest.raises(Exception, match="getattr"):  # negative control: torch's own refusal
+        torch.load(good, weights_only=True)
+    with weights_only_loading():
+        assert torch.load(good, weights_only=True)["stage"] is ZeroStageEnum.gradients
+        with pytest.raises(Exception, match=r"refused getattr\(.*'__init__'\)"):
+            torch.load(bad, weights_only=True)
