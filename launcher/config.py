@@ -105,6 +105,14 @@ class DeepSpeedSection:
 
 
 @dataclass
+class InitSection:
+    # Start a fresh run from Hugging Face weights: an rtdspeed export (launcher.export OUT) or
+    # a local copy of a released DeBERTaV3 checkpoint (launcher/hf_init.py). Ignored on resume.
+    from_dir: str = ""
+    generator_dir: str = ""  # a released generator, when from_dir is a discriminator alone
+
+
+@dataclass
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -114,6 +122,7 @@ class RunConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    init: InitSection = field(default_factory=InitSection)
 
     @property
     def run_dir(self) -> Path:
@@ -301,6 +310,10 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     for p in cfg.deepspeed.configs:
         if not resolve_path(p).is_file():
             raise ConfigError(f"deepspeed.configs: file not found: {p}")
+    for name in ("from_dir", "generator_dir"):
+        value = getattr(cfg.init, name)
+        if value and not resolve_path(value).is_dir():
+            raise ConfigError(f"init.{name}={value!r}: directory not found")
     validate_data(cfg)
 
 

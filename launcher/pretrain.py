@@ -46,8 +46,9 @@ import torch
 import torch.distributed as dist
 
 from launcher import checkpoint, distributed
-from launcher.config import ConfigError, RunConfig, parse_args, to_toml, validate
+from launcher.config import ConfigError, RunConfig, parse_args, resolve_path, to_toml, validate
 from launcher.engine import build_ds_config, build_engine, write_ds_config
+from launcher.hf_init import InitError
 from launcher.observe import MEAN_KEYS, Logger, memory_metrics, reduce_means
 
 EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE = 0, 2, 3
@@ -305,6 +306,18 @@ def peak_flops(cfg: RunConfig) -> float:
     return 312e12 if torch.cuda.is_available() else 1e11
 
 
+def init_weights(model, cfg: RunConfig, tokenizer_sha256: str, is_main: bool) -> None:
+    """Continued pretraining: weights from a Hugging Face directory (`init.from_dir`)."""
+    from launcher.hf_init import init_from_hf
+
+    gen = resolve_path(cfg.init.generator_dir) if cfg.init.generator_dir else None
+    report = init_from_hf(
+        model, resolve_path(cfg.init.from_dir), generator_dir=gen, tokenizer_sha256=tokenizer_sha256
+    )
+    if is_main:
+        print(f"rtdspeed: {report.summary()}", flush=True)
+
+
 def setup(cfg: RunConfig, env: distributed.DistEnv):
     """Process group, data, model, engine, resume: returns (engine, stream, state, run)."""
     from data_pipeline.loader import ShardStream
@@ -322,6 +335,8 @@ def setup(cfg: RunConfig, env: distributed.DistEnv):
     plan = None
     if cfg.checkpoint.resume:
         plan = checkpoint.plan_resume(run_dir / "checkpoints", env.world_size, env.rank)
+    if cfg.init.from_dir and plan is None:  # before the engine: ZeRO-3 partitions parameters
+        init_weights(model, cfg, tok.sha256, env.is_main)
     ds_config = build_ds_config(cfg, env.world_size, load_universal=bool(plan and plan.universal))
     if env.is_main:
         write_ds_config(ds_config, run_dir / "ds_config.json")
@@ -364,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{cfg.train.max_steps}, run dir {cfg.run_dir}, TensorBoard: {run.logger.tb_dir}"
         )
         return train(engine, stream, state, run)
-    except checkpoint.ResumeRefused as e:
+    except (checkpoint.ResumeRefused, InitError) as e:
         print(f"rtdspeed: {e}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
     finally:

@@ -3,6 +3,7 @@ DeBERTaV3 layout (discriminator only: `deberta.` prefix, `mask_predictions.class
 pytorch_model.bin, "p2c|c2p")."""
 
 import json
+import subprocess
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from launcher.export import consolidated_state_dict, load_run, select_checkpoint
 from launcher.hf_init import InitError, init_from_hf
 from launcher.pretrain import build_model
 from model import DebertaV3Config, RTDModel, SpecialTokens
+from tests.conftest import PYTHON, REPO_ROOT, run_env
 
 transformers = pytest.importorskip("transformers")
 
@@ -156,3 +158,34 @@ def test_init_errors_name_what_differs(tmp_path, cfg):
     (d / "spm.model").write_bytes(b"another tokenizer")
     with pytest.raises(InitError, match="is not the run's tokenizer"):
         init_from_hf(tiny_model(cfg), d, tokenizer_sha256="0" * 64)
+
+
+# -- the launcher path: --init.from_dir -------------------------------------------------------
+@pytest.mark.slow
+def test_pretrain_init_from_export_loads_every_weight(
+    tmp_path, exported, tokenizer_dir, shards_dir
+):
+    """`launcher/pretrain.py --init.from_dir=EXPORT` with lr 0 (AdamW then changes nothing):
+    its checkpoint re-exports to the same weights, E_D = E_G + E_delta included; the same run
+    without init.from_dir (negative control) does not."""
+    from safetensors.torch import load_file
+
+    from tests.export.conftest import run_pretrain
+
+    source = exported(0, "gdes")
+    frozen = ("--train.max_steps=1", "--optim.lr=0.0", "--optim.min_lr=0.0")
+    init = f"--init.from_dir={source}"
+    runs = {
+        "init": run_pretrain(tmp_path, "init", tokenizer_dir, shards_dir, init, *frozen),
+        "scratch": run_pretrain(tmp_path, "scratch", tokenizer_dir, shards_dir, *frozen),
+    }
+    want = {p: load_file(source / p / "model.safetensors") for p in ("discriminator", "generator")}
+    for name, run in runs.items():
+        out = tmp_path / f"export-{name}"
+        cmd = [PYTHON, "-m", "launcher.export", "--run", str(run), "--out", str(out)]
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=run_env(), capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        for part, ref in want.items():
+            got = load_file(out / part / "model.safetensors")
+            same = all(torch.equal(got[k], ref[k]) for k in ref)
+            assert same == (name == "init"), (name, part)
