@@ -170,8 +170,11 @@ def main() -> None:
     load = os.getloadavg()
     peaks = {dt: run_subprocess(["--gemm", dt])["flops"] for dt in DTYPES}
     cfg = DebertaV3Config.from_preset("xsmall", vocab_size=VOCAB)
+    from importlib.metadata import version
+
     print(
-        f"torch {torch.__version__}, transformers {transformers.__version__}, 2 threads, "
+        f"torch {torch.__version__}, deepspeed {version('deepspeed')}, "
+        f"transformers {transformers.__version__}, 2 threads, "
         f"{warmup} warm-up + {iters} timed steps (median), load average at start {load[0]:.2f}"
     )
     gemm = ", ".join(f"{d} {p / 1e9:.0f} GFLOP/s" for d, p in peaks.items())
@@ -200,6 +203,7 @@ def main() -> None:
                 )
     per_sample = rtd_flops_per_sample(cfg, cfg.generator_config(), 512, MASK_PROB)
     print(f"\nuseful training FLOPs per 512-token sample: {per_sample / 1e9:.1f} GFLOP")
+    print(f"load average at end: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -69,15 +69,36 @@ def relative_window(seq_len: int, cfg: DebertaV3Config) -> tuple[int, int]:
     return max(k - far, 0), min(k + far, 2 * k - 1) + 1
 
 
-def relative_position_index(
-    seq_len: int, cfg: DebertaV3Config, device: torch.device
-) -> torch.Tensor:
-    """Row of the relative window (see `relative_window`) for every (query i, key j): (L, L)."""
-    pos = torch.arange(seq_len, device=device)
-    rel = log_bucket_position(pos[:, None] - pos[None, :], cfg.position_buckets, cfg.max_relative)
+def relative_table_index(seq_len: int, cfg: DebertaV3Config, device: torch.device) -> torch.Tensor:
+    """Row of the relative window (see `relative_window`) for every distance r = i - j, listed
+    for r = L-1, L-2, ..., -(L-1): (2L - 1,). Expanding the projected window with it (a
+    gather on the smallest tensor) gives a Toeplitz table that `relative_shift` turns into the
+    (L, L) scores without any gather on a (B, heads, L, L) tensor."""
+    rel = torch.arange(seq_len - 1, -seq_len, -1, device=device)
     k = cfg.position_buckets
     lo, _ = relative_window(seq_len, cfg)
-    return (rel + k).clamp(0, 2 * k - 1) - lo  # (L, L)
+    bucket = log_bucket_position(rel, k, cfg.max_relative)
+    return (bucket + k).clamp(0, 2 * k - 1) - lo  # (2L - 1,)
+
+
+def relative_shift(x: torch.Tensor) -> torch.Tensor:
+    """(..., L, 2L - 1) with column c holding distance i - j = L - 1 - c -> (..., L, L) with
+    out[i, j] = x[i, j - i + L - 1]: the skew is a strided view of the flat rows (as in
+    Transformer-XL), so forward and backward are copies, not gathers and scatter-adds."""
+    length = x.shape[-2]
+    if length == 1:
+        return x
+    flat = x.flatten(-2)[..., length - 1 : length - 1 + length * (2 * length - 2)]
+    return flat.unflatten(-1, (length, 2 * length - 2))[..., :length]
+
+
+def _autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """`x` in autocast's matmul dtype when autocast is on: a tensor that feeds several
+    projections is cast once (autocast would cast it, and its gradient back, per matmul)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return x.to(torch.get_autocast_dtype(device))
+    return x
 
 
 class WordEmbedding(nn.Embedding):
@@ -135,37 +156,53 @@ class DisentangledSelfAttention(nn.Module):
         self.dropout = nn.Dropout(cfg.attention_probs_dropout_prob)
         self.scale = 1.0 / math.sqrt(self.head_dim * 3)
 
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., n, H) -> (..., heads, n, d)"""
-        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(-2, -3)
+    def _heads_first(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, H) -> (heads, B, L, d), contiguous: every attention matmul is then a plain
+        batched matmul over heads (positions) or heads x B (content), without broadcasts."""
+        return x.unflatten(-1, (self.heads, self.head_dim)).permute(2, 0, 1, 3).contiguous()
 
     def forward(
         self,
         x: torch.Tensor,  # (B, L, H)
-        key_mask: torch.Tensor,  # (B, L) bool, True = attend
-        rel_index: torch.Tensor,  # (L, L) long, rows of rel_embeddings
+        key_mask: torch.Tensor | None,  # (B, L) bool, True = attend; None = no padding
+        rel_table_index: torch.Tensor,  # (2L - 1,) long, rows of rel_embeddings by distance
         rel_embeddings: torch.Tensor,  # (S, H) reachable window of the 2k table
     ) -> torch.Tensor:
-        q = self._split(self.query_proj(x)) * self.scale  # (B, heads, L, d)
-        k = self._split(self.key_proj(x))  # (B, heads, L, d)
-        v = self._split(self.value_proj(x))  # (B, heads, L, d)
-        # share_att_key: positions go through the same query/key projections as content
+        batch, length, hidden = x.shape
+        x = _autocast_input(x)  # cast once here, not once per projection
+        q = self._heads_first(self.query_proj(x))  # (heads, B, L, d)
+        k = self._heads_first(self.key_proj(x))  # (heads, B, L, d)
+        v = self._heads_first(self.value_proj(x))  # (heads, B, L, d)
+        # share_att_key: positions go through the same query/key projections as content;
+        # the scale of all three terms is folded into the (small) position tables and the
+        # c2c matmul
         rel = self.pos_dropout(rel_embeddings)
         pos_q = self._split(self.query_proj(rel)) * self.scale  # (heads, S, d)
-        pos_k = self._split(self.key_proj(rel))  # (heads, S, d)
+        pos_k = self._split(self.key_proj(rel)) * self.scale  # (heads, S, d)
+        # Toeplitz tables over distances (gathers on the smallest tensors): (heads, 2L-1, d)
+        pos_k = pos_k.index_select(1, rel_table_index)  # column c: distance L-1-c
+        pos_q = pos_q.index_select(1, rel_table_index.flip(0))  # column c: distance c-(L-1)
 
-        scores = q @ k.transpose(-1, -2)  # c2c: (B, heads, L, L)
+        flat = (self.heads, batch * length, self.head_dim)
         # c2p: query i against the key position delta(i, j)
-        c2p = q @ pos_k.transpose(-1, -2)  # (B, heads, L, S)
-        scores += c2p.gather(-1, rel_index.expand(*c2p.shape[:2], -1, -1))
-        # p2c: key j against the query position delta(i, j); gathered per key, then transposed
-        p2c = k @ pos_q.transpose(-1, -2)  # (B, heads, L, S)
-        scores += p2c.gather(-1, rel_index.T.expand(*p2c.shape[:2], -1, -1)).transpose(-1, -2)
+        c2p = relative_shift((q.view(flat) @ pos_k.transpose(1, 2)).view(*q.shape[:3], -1))
+        # p2c: key j against the query position delta(i, j), computed per key, transposed
+        p2c = relative_shift((k.view(flat) @ pos_q.transpose(1, 2)).view(*k.shape[:3], -1))
+        bias = (c2p + p2c.transpose(-1, -2)).view(-1, length, length)  # (heads B, L, L)
+        q, k, v = (t.view(-1, length, self.head_dim) for t in (q, k, v))  # (heads B, L, d)
+        scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=self.scale)  # + c2c
+        if key_mask is not None:
+            pad = ~key_mask[None, :, None, :]  # (1, B, 1, L)
+            scores.view(self.heads, batch, length, length).masked_fill_(
+                pad, torch.finfo(scores.dtype).min
+            )
+        probs = self.dropout(scores.softmax(dim=-1))  # (heads B, L, L)
+        ctx = (probs @ v).view(self.heads, batch, length, self.head_dim)
+        return ctx.permute(1, 2, 0, 3).reshape(batch, length, hidden)  # (B, L, H)
 
-        scores.masked_fill_(~key_mask[:, None, None, :], torch.finfo(scores.dtype).min)
-        probs = self.dropout(scores.softmax(dim=-1))
-        ctx = probs @ v  # (B, heads, L, d)
-        return ctx.transpose(1, 2).flatten(2)  # (B, L, H)
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        """(S, H) -> (heads, S, d)"""
+        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(0, 1)
 
 
 class DenseResidualNorm(nn.Module):
@@ -226,7 +263,10 @@ class Encoder(nn.Module):
         lo, hi = relative_window(x.shape[1], self.cfg)
         rows = torch.arange(lo, hi, device=x.device)
         rel_embeddings = self.LayerNorm(self.rel_embeddings(rows))  # (S, H), norm_rel_ebd
-        rel_index = relative_position_index(x.shape[1], self.cfg, x.device)  # (L, L)
+        rel_embeddings = _autocast_input(rel_embeddings)  # once for all layers' projections
+        rel_index = relative_table_index(x.shape[1], self.cfg, x.device)  # (2L - 1,)
+        if bool(key_mask.all()):
+            key_mask = None  # packed rows have no padding: skip the (B, heads, L, L) fill
         use_ckpt = self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layer:
             if use_ckpt:

@@ -152,11 +152,23 @@ class RTDModel(nn.Module):
 
     @torch.no_grad()
     def sample_replacements(self, logits: torch.Tensor, generator: torch.Generator | None):
-        """One sample per row from softmax(logits) (temperature 1), banned ids excluded: (N,)."""
-        logits = logits.float().masked_fill(self.banned_ids(logits.device), float("-inf"))
+        """One sample per row from softmax(logits) (temperature 1), banned ids excluded: (N,).
+
+        Inverse-CDF sampling: one uniform per row against the running sum of exp(logit - max),
+        so it is exactly the categorical distribution while drawing N random numbers instead
+        of the N x V exponentials of `torch.multinomial`. A banned id has weight 0, so the
+        running sum does not grow at it and the first index whose sum exceeds u is never it."""
         if logits.shape[0] == 0:
             return torch.zeros(0, dtype=torch.long, device=logits.device)
-        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+        weights = logits.float().masked_fill(self.banned_ids(logits.device), float("-inf"))
+        weights = weights.sub_(weights.amax(-1, keepdim=True)).exp_().cumsum_(-1)  # (N, V)
+        u = torch.rand(
+            (weights.shape[0], 1), generator=generator, device=weights.device, dtype=weights.dtype
+        )
+        total = weights[:, -1:]  # (N, 1)
+        # u * total < total even where the product rounds up, so the index stays in range
+        target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+        return torch.searchsorted(weights, target, right=True).squeeze(-1)
 
     def discriminator_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
         """The discriminator's token embeddings (B, L, H) under the sharing mode."""

@@ -111,8 +111,10 @@ def test_error_messages_name_the_bad_value():
 
 def test_flops_formula_matches_torch_flop_counter(cfg):
     """Forward matmul FLOPs counted by torch = formula / 3 + the per-batch projection of
-    the reachable window of the relative table, which the formula leaves out. Small
-    position_buckets so that L = 64 reaches the log-bucketed part of the table."""
+    the reachable window of the relative table, which the formula leaves out, + the c2p/p2c
+    columns of the Toeplitz tables beyond the S useful ones (2L - 1 distances are scored,
+    S <= 2L - 1 distinct rows are useful). Small position_buckets so that L = 64 reaches
+    the log-bucketed part of the table."""
     cfg = dataclasses.replace(cfg, position_buckets=32)
     batch, seq_len = 4, 64
     model = RTDModel(cfg, SPECIAL)
@@ -125,6 +127,7 @@ def test_flops_formula_matches_torch_flop_counter(cfg):
     layers = cfg.num_hidden_layers + gcfg.num_hidden_layers
     lo, hi = relative_window(seq_len, cfg)
     expected += layers * 2 * (2 * (hi - lo) * cfg.hidden_size**2)
+    expected += layers * batch * 4 * seq_len * (2 * seq_len - 1 - (hi - lo)) * cfg.hidden_size
     assert counter.get_total_flops() == pytest.approx(expected, rel=1e-9)
 
 

@@ -16,7 +16,7 @@ import transformers
 from torch.testing import assert_close
 
 from model import DebertaV3Backbone, RTDModel
-from model.backbone import relative_position_index, relative_window
+from model.backbone import relative_shift, relative_table_index, relative_window
 from tests.model.conftest import SPECIAL, make_batch
 
 
@@ -118,8 +118,22 @@ def test_exported_discriminator_matches_hf(cfg, sharing):
 def test_relative_window_is_exactly_the_reachable_rows(cfg, seq_len):
     """Only reachable rows of the relative table are projected; the index uses all of them."""
     lo, hi = relative_window(seq_len, cfg)
-    index = relative_position_index(seq_len, cfg, torch.device("cpu"))
+    index = relative_table_index(seq_len, cfg, torch.device("cpu"))
+    assert index.shape == (2 * seq_len - 1,)
     assert index.min() == 0 and index.max() == hi - lo - 1
     assert (lo, hi) == {1: (256, 257), 7: (250, 263), 128: (129, 384)}.get(seq_len, (lo, hi))
     if seq_len == 512:
         assert (lo, hi) == (1, 512)  # log buckets reach +-255
+
+
+@pytest.mark.parametrize("seq_len", [1, 2, 7, 64])
+def test_relative_shift_is_the_toeplitz_gather(seq_len):
+    """relative_shift(x)[i, j] == x[i, (j - i) + L - 1], forward and backward."""
+    x = torch.randn(3, 2, seq_len, 2 * seq_len - 1, dtype=torch.float64, requires_grad=True)
+    pos = torch.arange(seq_len)
+    index = (pos[None, :] - pos[:, None] + seq_len - 1).expand(3, 2, -1, -1)
+    want = x.gather(-1, index)
+    got = relative_shift(x)
+    assert_close(got, want, atol=0, rtol=0)
+    g = torch.randn_like(want)
+    assert_close(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0])
