@@ -48,6 +48,28 @@ def run_env() -> dict[str, str]:
 
 PYTHON = sys.executable
 
+# Strings where tokenizers disagree most often (data_pipeline and export parity tests).
+TRICKY_STRINGS = [
+    "",
+    " ",
+    "Hello world",
+    "ｆｕｌｌ－ｗｉｄｔｈ ＡＢＣ １２３",  # full-width forms
+    "ﬁne ﬂour ﬀ ǆ",  # ligatures
+    "e\u0301 cafe\u0301 \u0301start Å Å",  # combining marks
+    "a\u00a0b a\u00a0\u00a0b a\u2009b a\u3000b \u202fx",  # NBSP and other spaces
+    "  leading and trailing \u2003 ",
+    "tab\there\nnew\r\nline",
+    "😀 emoji 👩\u200d👩\u200d👧 🇩🇪",
+    "中文字符，标点。日本語のテキスト",
+    "1234567890123456789012345678901234567890",
+    "a [MASK] b [CLS] c",
+    "x\u200by \ufeffbom",
+    "a\u2581b \u2581",
+    "ℌ ① ㍿ ½",
+    "-----  ----------",
+    "x" * 300,
+]
+
 
 @pytest.fixture(scope="session")
 def small_corpus_dir(tmp_path_factory) -> Path:

@@ -13,28 +13,9 @@ from data_pipeline.packing import RowPacker
 from data_pipeline.tokenizer import Encoder, load_tokenizer_dir, normalize_text
 from data_pipeline.train_tokenizer import train_tokenizer
 from tests.conftest import SAMPLE_CORPUS
+from tests.conftest import TRICKY_STRINGS as TRICKY
 
 transformers = pytest.importorskip("transformers")
-
-TRICKY = [
-    "",
-    " ",
-    "Hello world",
-    "ｆｕｌｌ－ｗｉｄｔｈ ＡＢＣ １２３",  # full-width forms
-    "ﬁne ﬂour ﬀ ǆ",  # ligatures
-    "e\u0301 cafe\u0301 \u0301start Å Å",  # combining marks, precomposed vs decomposed
-    "a\u00a0b a\u00a0\u00a0b a\u2009b a\u3000b \u202fx",  # NBSP and other spaces
-    "  leading and trailing \u2003 ",
-    "tab\there\nnew\r\nline",
-    "😀 emoji 👩\u200d👩\u200d👧 🇩🇪",
-    "中文字符，标点。日本語のテキスト",
-    "1234567890123456789012345678901234567890",
-    "a [MASK] b [CLS] c",
-    "x\u200by \ufeffbom",
-    "a\u2581b \u2581",
-    "ℌ ① ㍿ ½",
-    "x" * 300,
-]
 
 
 @pytest.fixture(scope="module")
