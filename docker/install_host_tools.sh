@@ -6,18 +6,5 @@
 #   uidmap:        newuidmap/newgidmap, so podman can map the image's non-root user
 # Needs root (or sudo) and Debian/Ubuntu apt. Safe to run again.
 set -euo pipefail
-need=()
-command -v podman >/dev/null || need+=(podman)
-command -v runc >/dev/null || need+=(runc)
-command -v debootstrap >/dev/null || need+=(debootstrap)
-command -v newuidmap >/dev/null || need+=(uidmap)
-[ ${#need[@]} -eq 0 ] && exit 0
-if ! command -v apt-get >/dev/null; then
-  echo "install_host_tools: no apt-get here; please install: ${need[*]}" >&2
-  exit 1
-fi
-SUDO=""
-[ "$(id -u)" -eq 0 ] || SUDO="sudo"
-echo "install_host_tools: installing ${need[*]}"
-$SUDO apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+exec bash "$(dirname "$0")/../scripts/install_system_deps.sh" \
+  podman:podman runc:runc debootstrap:debootstrap newuidmap:uidmap

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# System packages the test suite needs beyond the Python venv:
-#   slurmctld/slurmd/slurm-client: a real single-node SLURM that the SLURM launcher test starts itself
-#   pdsh: what `deepspeed --hostfile` uses to reach other nodes
-# Installs only what is missing; needs root (or sudo) and Debian/Ubuntu apt.
+# Installs the Debian packages the test suite needs beyond the Python venv, only what is missing.
+#   bash scripts/install_system_deps.sh                  # the defaults below
+#   bash scripts/install_system_deps.sh CMD:PACKAGE ...  # others (docker/install_host_tools.sh)
+# Defaults: slurmctld/slurmd/slurm-client, a real single-node SLURM that the SLURM launcher
+# test starts itself; pdsh, what `deepspeed --hostfile` uses to reach other nodes.
+# Needs root (or sudo) and apt.
 set -euo pipefail
+wanted=("$@")
+[ ${#wanted[@]} -gt 0 ] || wanted=(slurmctld:slurmctld slurmd:slurmd sbatch:slurm-client pdsh:pdsh)
 need=()
-command -v slurmctld >/dev/null || need+=(slurmctld)
-command -v slurmd >/dev/null || need+=(slurmd)
-command -v sbatch >/dev/null || need+=(slurm-client)
-command -v pdsh >/dev/null || need+=(pdsh)
+for pair in "${wanted[@]}"; do
+  command -v "${pair%%:*}" >/dev/null || need+=("${pair#*:}")
+done
 [ ${#need[@]} -eq 0 ] && exit 0
 if ! command -v apt-get >/dev/null; then
   echo "install_system_deps: no apt-get here; please install: ${need[*]}" >&2
