@@ -27,6 +27,9 @@ import tomllib
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+OPTIM_IMPLEMENTATIONS = ("auto", "torch", "deepspeed")
+
+
 class ConfigError(ValueError):
     """A bad run config; the message names the field (`section.key`)."""
 
@@ -76,6 +79,11 @@ class OptimSection:
     eps: float = 1e-6
     weight_decay: float = 0.01  # not applied to biases and LayerNorm weights
     grad_clip: float = 1.0  # global gradient norm; 0 disables
+    # AdamW kernels: "torch" (torch.optim.AdamW: a resume is bitwise exact), "deepspeed"
+    # (DeepSpeed's FusedAdam on CUDA, its C++ CPU Adam on CPU and for ZeRO-Offload; the CPU
+    # kernel updates beta^t incrementally, so a resumed run's weights differ by ~1 float32
+    # ulp), "auto" (torch without CUDA, deepspeed with CUDA).
+    implementation: str = "auto"
 
 
 @dataclass
@@ -307,14 +315,43 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError(f"optim.beta1/beta2={o.beta1}/{o.beta2} must be in [0, 1)")
     if o.grad_clip < 0:
         raise ConfigError(f"optim.grad_clip={o.grad_clip} must be >= 0")
+    if o.implementation not in OPTIM_IMPLEMENTATIONS:
+        raise ConfigError(
+            f"optim.implementation={o.implementation!r}; choices: "
+            f"{', '.join(OPTIM_IMPLEMENTATIONS)}"
+        )
     for p in cfg.deepspeed.configs:
         if not resolve_path(p).is_file():
             raise ConfigError(f"deepspeed.configs: file not found: {p}")
+    validate_precision(cfg)
     for name in ("from_dir", "generator_dir"):
         value = getattr(cfg.init, name)
         if value and not resolve_path(value).is_dir():
             raise ConfigError(f"init.{name}={value!r}: directory not found")
     validate_data(cfg)
+
+
+def validate_precision(cfg: RunConfig) -> None:
+    """The precision the ds_configs enable must exist on this machine's accelerator (DeepSpeed
+    would stop every rank with a traceback)."""
+    from deepspeed.accelerator import get_accelerator
+
+    from launcher.engine import load_ds_configs
+
+    ds = load_ds_configs(cfg.deepspeed.configs)
+    enabled = [k for k in ("fp16", "bf16") if ds.get(k, {}).get("enabled", False)]
+    files = ", ".join(cfg.deepspeed.configs)
+    if len(enabled) == 2:
+        raise ConfigError(f"deepspeed.configs ({files}) enable both fp16 and bf16; choose one")
+    acc = get_accelerator()
+    supported = {"fp16": acc.is_fp16_supported(), "bf16": acc.is_bf16_supported()}
+    for k in enabled:
+        if not supported[k]:
+            hint = " (ds_configs/bf16.json is)" if supported["bf16"] else ""
+            raise ConfigError(
+                f"deepspeed.configs ({files}) enable {k}, which DeepSpeed's "
+                f"{acc.device_name()} accelerator does not support here{hint}"
+            )
 
 
 def validate_data(cfg: RunConfig) -> None:

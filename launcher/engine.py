@@ -3,9 +3,10 @@
 `ds_configs/*.json` hold engine settings only (ZeRO stage, offload, precision, communication).
 The launcher writes the values the run config owns: batch sizes, the optimizer (AdamW,
 beta2 0.98, eps 1e-6; weight decay off for biases and LayerNorm weights through parameter
-groups), DeepSpeed's WarmupDecayLR schedule (linear warmup then linear decay) and gradient
-clipping. A launcher-owned key that a ds_config also sets to a different value is an error,
-as is a key that two ds_configs set to different values.
+groups; torch's AdamW or DeepSpeed's kernels, `optim.implementation`), DeepSpeed's
+WarmupDecayLR schedule (linear warmup then linear decay) and gradient clipping. A
+launcher-owned key that a ds_config also sets to a different value is an error, as is a key
+that two ds_configs set to different values.
 
 Note on DeepSpeed's WarmupDecayLR: step s (0-based) trains with lr(s - 1), where lr(i) is
 `min_lr + (lr - min_lr) * i / warmup_steps` during warmup (lr(-1) = min_lr) and then decays
@@ -73,6 +74,7 @@ def build_ds_config(cfg: RunConfig, world_size: int, load_universal: bool = Fals
                 "betas": [o.beta1, o.beta2],
                 "eps": o.eps,
                 "weight_decay": o.weight_decay,
+                "torch_adam": use_torch_adam(o.implementation),
             },
         },
         "scheduler": {
@@ -98,6 +100,14 @@ def build_ds_config(cfg: RunConfig, world_size: int, load_universal: bool = Fals
     if load_universal:
         ds.setdefault("checkpoint", {})["load_universal"] = True
     return ds
+
+
+def use_torch_adam(implementation: str) -> bool:
+    """torch.optim.AdamW (bitwise-exact resume) or DeepSpeed's Adam kernels
+    (`optim.implementation` in launcher/config.py)."""
+    if implementation == "auto":
+        return not torch.cuda.is_available()
+    return implementation == "torch"
 
 
 def zero_stage(ds_config: dict) -> int:

@@ -272,7 +272,17 @@ def build_model(cfg: RunConfig, vocab_size: int, special_ids: dict[str, int]):
 def resume(engine, plan: checkpoint.ResumePlan, run: Run) -> TrainState:
     """Load the planned checkpoint into the engine and return its train state."""
     ckpt_dir = run.cfg.run_dir / "checkpoints"
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # under the ZeRO wrapper
+    decays = [g["weight_decay"] for g in base.param_groups]
     path, client = engine.load_checkpoint(str(ckpt_dir), tag=plan.tag)
+    # DeepSpeed's ZeRO-3 universal load copies the first parameter group's hyperparameters
+    # to every group (weight decay onto biases and LayerNorms), and gives every group the same
+    # `step` tensor, which torch's AdamW then increments once per group. Undo both.
+    for group, decay in zip(base.param_groups, decays, strict=True):
+        group["weight_decay"] = decay
+    for st in base.state.values():
+        if torch.is_tensor(st.get("step")):
+            st["step"] = st["step"].clone()
     if path is None:
         raise checkpoint.ResumeRefused(f"DeepSpeed could not load checkpoint {plan.tag}")
     checkpoint.check_data_order(

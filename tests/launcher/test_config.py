@@ -105,6 +105,24 @@ def test_validation_names_the_field(shards_dir, tokenizer_dir, extra, world, mes
     assert message in str(e.value)
 
 
+def test_precision_the_accelerator_lacks_is_a_config_error(shards_dir, tokenizer_dir, monkeypatch):
+    from deepspeed.accelerator import get_accelerator
+
+    monkeypatch.setattr(get_accelerator(), "is_fp16_supported", lambda: False)  # as on this CPU
+    monkeypatch.setattr(get_accelerator(), "is_bf16_supported", lambda: True)
+    def cfg(configs):
+        return valid_cfg(
+            shards_dir, tokenizer_dir, "--train.micro_batch_size=4", f"--deepspeed.configs={configs}"
+        )
+
+    fp16 = cfg("ds_configs/fp16.json")
+    with pytest.raises(ConfigError, match=r"enable fp16, which DeepSpeed's \w+ accelerator does "):
+        validate(fp16, 1)
+    with pytest.raises(ConfigError, match="enable both fp16 and bf16; choose one"):
+        validate(cfg("ds_configs/fp16.json,ds_configs/bf16.json"), 1)
+    validate(cfg("ds_configs/zero2.json,ds_configs/bf16.json"), 1)  # supported: passes
+
+
 def test_valid_config_passes(shards_dir, tokenizer_dir):
     validate(valid_cfg(shards_dir, tokenizer_dir, "--train.micro_batch_size=4"), 2)
 
@@ -145,10 +163,24 @@ def test_ds_config_gets_the_run_values():
         "betas": [0.9, 0.98],
         "eps": 1e-6,
         "weight_decay": 0.01,
+        "torch_adam": True,  # optim.implementation=auto on a machine without CUDA
     }
     assert ds["scheduler"]["type"] == "WarmupDecayLR"
     assert ds["gradient_clipping"] == 1.0
     assert ds["zero_optimization"]["stage"] == 2
+
+
+def test_optimizer_implementation_choice(monkeypatch):
+    def torch_adam(*args, cuda=False):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        return build_ds_config(parse_args(list(args)), 1)["optimizer"]["params"]["torch_adam"]
+
+    assert torch_adam() is True  # auto, CPU: torch's AdamW (bitwise-exact resume)
+    assert torch_adam(cuda=True) is False  # auto, CUDA: DeepSpeed's FusedAdam
+    assert torch_adam("--optim.implementation=deepspeed") is False
+    assert torch_adam("--optim.implementation=torch", cuda=True) is True
+    with pytest.raises(ConfigError, match=r"optim.implementation='apex'; choices: auto, torch"):
+        validate(parse_args(["--optim.implementation=apex"]), 1)
 
 
 def test_ds_config_conflicts_are_errors(tmp_path):
