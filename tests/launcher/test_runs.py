@@ -261,9 +261,9 @@ def test_bf16_tracks_fp32_and_resumes_bitwise(runs, data, two_rank):
         assert w.dtype == torch.float32 and torch.equal(resumed[k], w), k
 
 
-@pytest.mark.parametrize("zero", ["zero2", "zero0"])
+@pytest.mark.parametrize("zero", ["zero2", "zero0", "zero0,bf16"])
 def test_nonfinite_steps_are_skipped_then_stop(runs, data, zero):
-    name = f"nan_{zero}"
+    name = f"nan_{zero.replace(',', '_')}"
     args = base_args(
         *data,
         runs,
@@ -271,7 +271,7 @@ def test_nonfinite_steps_are_skipped_then_stop(runs, data, zero):
         train__max_steps=10,
         train__inject_nonfinite_steps="1,3,4,5",  # 0-based step indices
         train__max_nonfinite_in_a_row=3,
-        deepspeed__configs=f"ds_configs/{zero}.json",
+        deepspeed__configs=",".join(f"ds_configs/{z}.json" for z in zero.split(",")),
     )
     done = run(args, ranks=1)
     assert done.returncode == 3, done.stdout[-4000:]
