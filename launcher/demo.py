@@ -115,6 +115,8 @@ def summarize(run_dir: Path, seconds: float, window: int = 3) -> bool:
         ("rtd_loss", "discriminator RTD loss"),
         ("gen_acc", "generator accuracy"),
         ("disc_acc", "discriminator accuracy"),
+        ("disc_precision", "  precision on replaced"),
+        ("disc_recall", "  recall on replaced"),
     ]
     for key, label in rows:
         print(f"{label:26}{_mean(first, key):>14.4f}{_mean(last, key):>14.4f}")

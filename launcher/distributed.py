@@ -11,6 +11,11 @@ validated against the world size first. Sources, first match wins:
 - otherwise a single process (rank 0 of 1)
 
 Backend: nccl on CUDA, gloo on the CPU (DeepSpeed's cpu accelerator).
+
+CPU threads: without CUDA, every rank's intra-op thread pool gets its share of this node's
+cores (cores / ranks on the node, or the cores the launcher bound it to, as mpirun does)
+unless OMP_NUM_THREADS is set; torch's default (every core in every rank) oversubscribes the
+cores as soon as a node runs two ranks.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ class DistEnv:
     world_size: int
     local_rank: int
     launcher: str  # "env" (deepspeed/torchrun), "mpi", "slurm" or "single"
+    local_size: int = 1  # ranks on this node
 
     @property
     def is_main(self) -> bool:
@@ -40,16 +46,39 @@ def _ints(*names: str) -> list[int] | None:
     return None
 
 
+def _local_size(*names: str) -> int:
+    """The first of `names` that is set; SLURM writes e.g. "2(x3)" for 2 tasks on 3 nodes."""
+    for n in names:
+        if os.environ.get(n):
+            return max(1, int(os.environ[n].split("(")[0].split(",")[0]))
+    return 1
+
+
 def discover() -> DistEnv:
     if v := _ints("RANK", "WORLD_SIZE"):
-        return DistEnv(v[0], v[1], int(os.environ.get("LOCAL_RANK", 0)), "env")
+        local = _local_size("LOCAL_WORLD_SIZE", "LOCAL_SIZE")
+        return DistEnv(v[0], v[1], int(os.environ.get("LOCAL_RANK", 0)), "env", local)
     if v := _ints("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"):
-        return DistEnv(v[0], v[1], int(os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)), "mpi")
+        local_rank = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", 0))
+        return DistEnv(v[0], v[1], local_rank, "mpi", _local_size("OMPI_COMM_WORLD_LOCAL_SIZE"))
     if v := _ints("PMI_RANK", "PMI_SIZE"):
-        return DistEnv(v[0], v[1], int(os.environ.get("MPI_LOCALRANKID", 0)), "mpi")
+        local_rank = int(os.environ.get("MPI_LOCALRANKID", 0))
+        return DistEnv(v[0], v[1], local_rank, "mpi", _local_size("MPI_LOCALNRANKS"))
     if v := _ints("SLURM_PROCID", "SLURM_NTASKS"):
-        return DistEnv(v[0], v[1], int(os.environ.get("SLURM_LOCALID", 0)), "slurm")
+        local = _local_size("SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE")
+        return DistEnv(v[0], v[1], int(os.environ.get("SLURM_LOCALID", 0)), "slurm", local)
     return DistEnv(0, 1, 0, "single")
+
+
+def set_cpu_threads(env: DistEnv) -> int:
+    """Intra-op threads of this rank on the CPU: its share of the node's cores, unless
+    OMP_NUM_THREADS says otherwise or CUDA runs the math. Returns the thread count."""
+    if not torch.cuda.is_available() and not os.environ.get("OMP_NUM_THREADS"):
+        cores = len(os.sched_getaffinity(0))
+        if cores >= (os.cpu_count() or cores):  # not bound to its share by the launcher
+            cores //= env.local_size
+        torch.set_num_threads(max(1, cores))
+    return torch.get_num_threads()
 
 
 def init(env: DistEnv, port: int = 29500) -> None:

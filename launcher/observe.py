@@ -1,7 +1,7 @@
 """Observability: step metrics averaged over ranks, TensorBoard, a console line, metrics.jsonl.
 
-Everything is written by rank 0 only, after the metrics were all-reduced (mean over ranks
-and micro batches; token counts summed). TensorBoard tags:
+Everything is written by rank 0 only, after the metrics were all-reduced (mean over ranks,
+micro batches and the steps of a log window; token counts summed). TensorBoard tags:
 
     loss/total loss/mlm loss/rtd            acc/generator acc/discriminator
     rtd/precision rtd/recall rtd/replaced_frac

@@ -40,12 +40,16 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # `python launcher/pretrain.py`: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__":  # before torch is imported, so a re-exec costs little
+    from launcher.allocator import reexec_with_tcmalloc
+
+    reexec_with_tcmalloc()
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from launcher import checkpoint, distributed
+from launcher import allocator, checkpoint, distributed
 from launcher.config import ConfigError, RunConfig, parse_args, resolve_path, to_toml, validate
 from launcher.engine import build_ds_config, build_engine, write_ds_config
 from launcher.hf_init import InitError
@@ -154,7 +158,22 @@ def update_state(state: TrainState, result: dict, run: Run, global_batch: int) -
     return nonfinite
 
 
-def step_metrics(engine, result: dict, run: Run, seconds: float, state: TrainState) -> dict:
+def accumulate(window: dict | None, result: dict) -> dict:
+    """Sum the step results of one log window (metrics are means over the whole window)."""
+    if window is None:
+        return {"sums": dict(result["sums"]), "count": result["count"], "flags": result["flags"]}
+    for k, v in result["sums"].items():
+        window["sums"][k] += v
+    window["count"] += result["count"]
+    window["flags"] = window["flags"] + result["flags"]
+    return window
+
+
+def step_metrics(
+    engine, result: dict, run: Run, seconds: float, state: TrainState, steps: int = 1
+) -> dict:
+    """Metrics of one log window of `steps` steps: `result` holds their summed results,
+    `seconds` the mean step time; lr and gradient norm are the last step's."""
     m = reduce_means(result["sums"], result["count"])
     samples = run.cfg.train.global_batch_size
     gnorm = engine.get_global_grad_norm()
@@ -164,7 +183,7 @@ def step_metrics(engine, result: dict, run: Run, seconds: float, state: TrainSta
         nonfinite_steps=state.nonfinite_steps,
         skipped_steps=engine.skipped_steps,  # DeepSpeed's count: overflow (fp16) and ZeRO skips
         samples_per_s=samples / seconds,
-        tokens_per_s=result["flags"][2].item() / seconds,
+        tokens_per_s=result["flags"][2].item() / (seconds * steps),
         tokens=state.tokens,
         **memory_metrics(),
     )
@@ -201,9 +220,11 @@ def train(engine, stream, state: TrainState, run: Run) -> int:
         world_size=run.env.world_size,
     )
     first_step, saved_step, last_log_step = state.step, state.step, state.step
+    window = None  # summed step results since the last log line
     t0 = time.time()
     while state.step < cfg.train.max_steps:
         result = train_step(engine, [next(batches) for _ in range(gas)], state, run)
+        window = accumulate(window, result)
         nonfinite = update_state(state, result, run, cfg.train.global_batch_size)
         if nonfinite:
             run.logger.message(
@@ -219,8 +240,10 @@ def train(engine, stream, state: TrainState, run: Run) -> int:
             return EXIT_NONFINITE
         if state.step % cfg.log.every_steps == 0 or state.step == cfg.train.max_steps:
             t1 = time.time()
-            seconds = (t1 - t0) / (state.step - last_log_step)
-            metrics = step_metrics(engine, result, run, seconds, state)
+            steps = state.step - last_log_step
+            window["lr"] = result["lr"]
+            metrics = step_metrics(engine, window, run, (t1 - t0) / steps, state, steps)
+            window = None
             metrics["consumed_samples"] = state.consumed_samples
             run.logger.log(state.step, metrics, state.lang_tokens)
             run.logger.console(state.step, metrics, state.step - first_step)
@@ -335,6 +358,7 @@ def setup(cfg: RunConfig, env: distributed.DistEnv):
     from model import rtd_flops_per_sample
 
     distributed.init(env)
+    distributed.set_cpu_threads(env)
     run_dir = cfg.run_dir
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -385,8 +409,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         engine, stream, state, run = setup(cfg, env)
         run.logger.message(
-            f"{env.world_size} rank(s) ({env.launcher}), step {state.step}/"
-            f"{cfg.train.max_steps}, run dir {cfg.run_dir}, TensorBoard: {run.logger.tb_dir}"
+            f"{env.world_size} rank(s) ({env.launcher}, {torch.get_num_threads()} threads "
+            f"each), step {state.step}/"
+            f"{cfg.train.max_steps}, run dir {cfg.run_dir}, TensorBoard: {run.logger.tb_dir}, "
+            f"allocator: {allocator.describe()}"
         )
         return train(engine, stream, state, run)
     except (checkpoint.ResumeRefused, InitError) as e:

@@ -70,7 +70,7 @@ def test_mpirun_two_ranks(runs, reference, shards_dir, tokenizer_dir):
         cmd, cwd=REPO_ROOT, env=run_env(), capture_output=True, text=True, timeout=300
     )
     out = helpers.check(proc)
-    assert "2 rank(s) (mpi)" in out
+    assert "2 rank(s) (mpi, " in out
     check_run(runs / "mpi", reference)
 
 
@@ -124,5 +124,5 @@ def test_slurm_sbatch_two_tasks(runs, reference, shards_dir, tokenizer_dir):
         state = cluster.wait(job, timeout=300)
     log = job_out.read_text() if job_out.exists() else "(no job output)"
     assert state == "COMPLETED", log[-4000:]
-    assert "2 rank(s) (slurm)" in log
+    assert "2 rank(s) (slurm, " in log
     check_run(runs / "slurm", reference)

@@ -110,10 +110,10 @@ def test_precision_the_accelerator_lacks_is_a_config_error(shards_dir, tokenizer
 
     monkeypatch.setattr(get_accelerator(), "is_fp16_supported", lambda: False)  # as on this CPU
     monkeypatch.setattr(get_accelerator(), "is_bf16_supported", lambda: True)
+
     def cfg(configs):
-        return valid_cfg(
-            shards_dir, tokenizer_dir, "--train.micro_batch_size=4", f"--deepspeed.configs={configs}"
-        )
+        micro = "--train.micro_batch_size=4"
+        return valid_cfg(shards_dir, tokenizer_dir, micro, f"--deepspeed.configs={configs}")
 
     fp16 = cfg("ds_configs/fp16.json")
     with pytest.raises(ConfigError, match=r"enable fp16, which DeepSpeed's \w+ accelerator does "):
