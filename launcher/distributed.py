@@ -20,6 +20,7 @@ cores as soon as a node runs two ranks.
 
 from __future__ import annotations
 
+import glob
 import os
 import socket
 from dataclasses import dataclass
@@ -109,3 +110,22 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def release_shm() -> int:
+    """Delete DeepSpeed's CPU allreduce buffers of this job from /dev/shm (RAM): its shm op
+    maps one 67 MB file per rank (when every rank is on one node) and never unlinks it, so
+    each finished run would keep 67 MB per rank until the next reboot. Call at exit, after
+    the process group is gone; unlinking leaves the other ranks' mappings intact. Returns
+    how many files were removed."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not (addr and port):
+        return 0
+    removed = 0
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_*"):
+        try:
+            os.unlink(path)
+            removed += 1
+        except FileNotFoundError:  # another rank was first
+            pass
+    return removed

@@ -423,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             run.logger.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+        distributed.release_shm()
 
 
 if __name__ == "__main__":

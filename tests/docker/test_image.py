@@ -240,6 +240,7 @@ def test_image_runs_the_pipeline_as_non_root(image, work, pytestconfig):
     out = run_in(image, work, *deepspeed_2_ranks(4))
     assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4]
     assert "torch_extensions" not in out, "DeepSpeed ops were JIT-built, not taken from the image"
+    assert "allocator: tcmalloc" in out, out[-3000:]  # the image's libtcmalloc is preloaded
     assert (run / "checkpoints" / "step_00000004" / "COMPLETE.json").is_file()
 
     # 4. the same command with more steps resumes from the newest complete checkpoint

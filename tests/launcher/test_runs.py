@@ -7,9 +7,11 @@ Expensive runs are module fixtures shared by the assertions that read them:
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
+import re
 import shutil
 
 import pytest
@@ -69,6 +71,10 @@ def test_one_process_and_deepspeed_write_the_same_run_dir(one_rank, two_rank):
     threads = max(1, len(os.sched_getaffinity(0)) // 2)  # each rank: its share of the cores
     assert f"2 rank(s) (env, {threads} threads each)" in two_out
     assert f"1 rank(s) (single, {len(os.sched_getaffinity(0))} threads each)" in one_out
+    # DeepSpeed's shm allreduce op was loaded; its 67 MB per-rank buffers are gone afterwards
+    assert "deepspeed_shm_comm_op built successfully" in two_out
+    port = re.search(r"--master_port=(\d+)", two_out).group(1)
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
     assert two_out.count(f"step      1/{STEPS} |") == 1  # console line on rank 0 only
     ds = (two / "ds_config.json").read_text()
     assert '"gradient_accumulation_steps": 1' in ds
