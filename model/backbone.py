@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from model.config import DebertaV3Config
+from model.dropout import Dropout
 
 
 def init_weights(module: nn.Module, std: float) -> None:
@@ -125,7 +126,7 @@ class Embeddings(nn.Module):
             else None
         )
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.dropout = Dropout(cfg.hidden_dropout_prob)
 
     def forward(
         self,
@@ -152,8 +153,8 @@ class DisentangledSelfAttention(nn.Module):
         self.query_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.key_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.value_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.pos_dropout = nn.Dropout(cfg.hidden_dropout_prob)
-        self.dropout = nn.Dropout(cfg.attention_probs_dropout_prob)
+        self.pos_dropout = Dropout(cfg.hidden_dropout_prob)
+        self.dropout = Dropout(cfg.attention_probs_dropout_prob)
         self.scale = 1.0 / math.sqrt(self.head_dim * 3)
 
     def _heads_first(self, x: torch.Tensor) -> torch.Tensor:
@@ -212,7 +213,7 @@ class DenseResidualNorm(nn.Module):
         super().__init__()
         self.dense = nn.Linear(in_features, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.dropout = Dropout(cfg.hidden_dropout_prob)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(self.dropout(self.dense(x)) + residual)
