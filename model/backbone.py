@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from model.config import DebertaV3Config
-from model.dropout import Dropout
+from model.dropout import Dropout, dropout_matmul
 
 
 def init_weights(module: nn.Module, std: float) -> None:
@@ -197,8 +197,9 @@ class DisentangledSelfAttention(nn.Module):
             scores.view(self.heads, batch, length, length).masked_fill_(
                 pad, torch.finfo(scores.dtype).min
             )
-        probs = self.dropout(scores.softmax(dim=-1))  # (heads B, L, L)
-        ctx = (probs @ v).view(self.heads, batch, length, self.head_dim)
+        probs = scores.softmax(dim=-1)  # (heads B, L, L)
+        ctx = dropout_matmul(probs, v, self.dropout.p, self.training)  # dropout(probs) @ v
+        ctx = ctx.view(self.heads, batch, length, self.head_dim)
         return ctx.permute(1, 2, 0, 3).reshape(batch, length, hidden)  # (B, L, H)
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:

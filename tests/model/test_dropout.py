@@ -72,3 +72,72 @@ def test_bf16_keeps_its_dtype():
     assert y.dtype == torch.bfloat16
     y.sum().backward()
     assert x.grad.dtype == torch.bfloat16
+
+
+def _reference(probs, v, p, seed):
+    torch.manual_seed(seed)
+    drop = cpu_drop_mask(probs.shape, p)
+    return torch.bmm(probs.masked_fill(drop, 0) / (1 - p), v)
+
+
+def test_dropout_matmul_equals_dropout_then_matmul_in_value_and_gradient():
+    from model.dropout import dropout_matmul
+
+    torch.manual_seed(5)
+    logits = torch.randn(6, 40, 40, dtype=torch.float64)
+    v0 = torch.randn(6, 40, 8, dtype=torch.float64)
+    g = torch.randn(6, 40, 8, dtype=torch.float64)
+    grads = []
+    for fused in (True, False):
+        x, v = logits.clone().requires_grad_(), v0.clone().requires_grad_()
+        probs = x.softmax(-1)
+        if fused:
+            torch.manual_seed(9)
+            out = dropout_matmul(probs, v, 0.2, training=True)
+        else:
+            out = _reference(probs, v, 0.2, seed=9)
+        out.backward(g)
+        grads.append((out.detach(), x.grad, v.grad))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    plain = torch.bmm(logits.softmax(-1), v0)
+    assert not torch.allclose(grads[0][0], plain)  # negative control: dropout was applied
+    assert torch.equal(dropout_matmul(logits.softmax(-1), v0, 0.2, training=False), plain)
+
+
+def test_dropout_matmul_keeps_no_dropped_copy_for_backward():
+    """Saved for backward: the softmax output (shared with softmax), v and the bool mask; the
+    plain dropout-then-matmul keeps a second (N, L, L) float tensor (negative control)."""
+    from model.dropout import dropout_matmul
+
+    def square_float_storages(fn) -> int:
+        ptrs = set()
+
+        def pack(t):
+            if t.numel() == 4 * 64 * 64 and t.is_floating_point():
+                ptrs.add(t.untyped_storage().data_ptr())
+            return t
+
+        x = torch.randn(4, 64, 64, requires_grad=True)
+        v = torch.randn(4, 64, 16, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(x.softmax(-1), v)
+        return len(ptrs)
+
+    assert square_float_storages(lambda p, v: dropout_matmul(p, v, 0.1, training=True)) == 1
+    assert square_float_storages(lambda p, v: torch.bmm(Dropout(0.1).train()(p), v)) == 2
+
+
+def test_dropout_matmul_under_bf16_autocast():
+    from model.dropout import dropout_matmul
+
+    x = torch.randn(2, 32, 32, requires_grad=True)
+    v = torch.randn(2, 32, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(3)
+        out = dropout_matmul(x.softmax(-1), v.to(torch.bfloat16), 0.1, training=True)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+    ref = _reference(x.detach().softmax(-1), v.detach(), 0.1, seed=3)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
