@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
+import textwrap
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,6 +247,39 @@ def parse_args(argv: list[str]) -> RunConfig:
         section, _, key = name.partition(".")
         _apply(cfg, "command line", section, key, value)
     return cfg
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """The comment of each field in the section's source: trailing, or the lines above it."""
+    comments, above = {}, []
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        text = line.strip()
+        if text.startswith("#"):
+            above.append(text.lstrip("# "))
+            continue
+        name, colon, rest = text.partition(":")
+        if colon and name.isidentifier():
+            trailing = rest.partition("  #")[2].strip()
+            comments[name] = " ".join([*above, trailing]).strip()
+        above = []
+    return comments
+
+
+def options_help() -> str:
+    """Every `--section.key` with its default and comment (what `--help` prints)."""
+    lines = []
+    defaults = RunConfig()
+    for section in dataclasses.fields(RunConfig):
+        body = getattr(defaults, section.name)
+        comments = _field_comments(type(body))
+        lines.append(f"[{section.name}]")
+        for f in dataclasses.fields(body):
+            value = _toml_value(getattr(body, f.name))
+            note = comments.get(f.name, "")
+            lines.append(f"  --{section.name}.{f.name}={value}")
+            if note:
+                lines += textwrap.wrap(note, 96, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
 
 
 # -- writing -------------------------------------------------------------------------------

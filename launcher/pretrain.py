@@ -18,7 +18,10 @@ MPI (ranks from mpi4py):
 SLURM:
     sbatch --nodes=K --ntasks-per-node=N launcher/slurm/pretrain.sbatch --config ...
 
-Options are `--config FILE` and `--section.key=value` overrides (launcher/config.py). The run
+Options are `--config FILE` and `--section.key=value` overrides (launcher/config.py; all of
+them with their defaults: `--help`). Environment: RTDSPEED_TCMALLOC=0 keeps glibc malloc
+(otherwise the process re-executes itself with tcmalloc when installed); OMP_NUM_THREADS
+overrides the CPU threads per rank (default: the node's cores / its ranks). The run
 directory (`run.output_dir/run.name`) receives config.toml, ds_config.json, metrics.jsonl,
 tensorboard/ and checkpoints/. Running the same command again resumes from the newest
 complete checkpoint.
@@ -398,9 +401,16 @@ def setup(cfg: RunConfig, env: distributed.DistEnv):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        from launcher.config import options_help
+
+        print(f"{__doc__}\nOptions (defaults shown; recipes in launcher/recipes/):\n")
+        print(options_help())
+        return EXIT_OK
     env = distributed.discover()
     try:
-        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        cfg = parse_args(argv)
         validate(cfg, env.world_size)
     except ConfigError as e:
         print(f"rtdspeed: config error: {e}", file=sys.stderr, flush=True)

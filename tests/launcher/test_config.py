@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -149,6 +150,20 @@ def test_cli_config_error_exits_2_before_any_process_group(shards_dir, tokenizer
     )
     assert done.returncode == 2
     assert "rtdspeed: config error: model.preset='huge' is not a preset" in done.stderr
+
+
+def test_help_lists_every_option_with_its_default_and_comment():
+    done = subprocess.run(
+        [sys.executable, PRETRAIN, "--help"], env=run_env(), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "mpirun -np N" in out  # the launch examples of the module docstring
+    for section in dataclasses.fields(RunConfig):
+        for f in dataclasses.fields(getattr(RunConfig(), section.name)):
+            assert f"--{section.name}.{f.name}=" in out, f.name
+    assert '--optim.implementation="auto"\n      AdamW kernels: "torch"' in out
+    assert "--train.global_batch_size=8192\n      samples per optimizer step" in out
 
 
 # -- DeepSpeed config ------------------------------------------------------------------------
