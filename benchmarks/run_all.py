@@ -20,7 +20,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
+sys.path.insert(0, str(HERE.parent))
+
+from launcher.allocator import tcmalloc_library  # noqa: E402
 
 
 def main() -> None:
@@ -33,9 +35,10 @@ def main() -> None:
     args = parser.parse_args()
     env = dict(os.environ)
     allocator = "glibc malloc"
-    if args.allocator == "tcmalloc" and TCMALLOC.exists():
-        env["LD_PRELOAD"] = f"{TCMALLOC} {env.get('LD_PRELOAD', '')}".strip()
-        allocator = f"tcmalloc ({TCMALLOC.name})"
+    lib = tcmalloc_library()  # the lookup the training launcher uses
+    if args.allocator == "tcmalloc" and lib:
+        env["LD_PRELOAD"] = f"{lib} {env.get('LD_PRELOAD', '')}".strip()
+        allocator = f"tcmalloc ({lib})"
     cmd = [sys.executable, str(HERE / "rtd_step.py"), *(["--quick"] if args.quick else [])]
     start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 MARKER = "COMPLETE.json"
@@ -140,6 +141,23 @@ def _prune(ckpt_dir: Path, keep_last: int) -> None:
         incomplete = not (d / MARKER).is_file()
         if base not in keep and (not incomplete or step < newest):
             shutil.rmtree(d, ignore_errors=True)
+
+
+def load(engine, ckpt_dir: Path, tag: str):
+    """`engine.load_checkpoint` (returns its (path, client_state)), undoing two things
+    DeepSpeed's ZeRO-3 universal load does to the optimizer: it copies the first parameter
+    group's hyperparameters to every group (weight decay onto biases and LayerNorms, which the
+    run config keeps at 0), and it gives every group the same `step` tensor, which torch's
+    AdamW then increments once per group (a wrong bias correction from the first step on)."""
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # under the ZeRO wrapper
+    decays = [g["weight_decay"] for g in base.param_groups]
+    loaded = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    for group, decay in zip(base.param_groups, decays, strict=True):
+        group["weight_decay"] = decay
+    for st in base.state.values():
+        if torch.is_tensor(st.get("step")):
+            st["step"] = st["step"].clone()
+    return loaded
 
 
 def check_data_order(saved: dict, current: dict, force: bool) -> None:

@@ -164,11 +164,12 @@ def update_state(state: TrainState, result: dict, run: Run, global_batch: int) -
 def accumulate(window: dict | None, result: dict) -> dict:
     """Sum the step results of one log window (metrics are means over the whole window)."""
     if window is None:
-        return {"sums": dict(result["sums"]), "count": result["count"], "flags": result["flags"]}
+        window = {"sums": dict.fromkeys(result["sums"], 0.0), "count": 0, "flags": 0}
     for k, v in result["sums"].items():
         window["sums"][k] += v
     window["count"] += result["count"]
     window["flags"] = window["flags"] + result["flags"]
+    window["lr"] = result["lr"]  # the last step's
     return window
 
 
@@ -244,7 +245,6 @@ def train(engine, stream, state: TrainState, run: Run) -> int:
         if state.step % cfg.log.every_steps == 0 or state.step == cfg.train.max_steps:
             t1 = time.time()
             steps = state.step - last_log_step
-            window["lr"] = result["lr"]
             metrics = step_metrics(engine, window, run, (t1 - t0) / steps, state, steps)
             window = None
             metrics["consumed_samples"] = state.consumed_samples
@@ -298,17 +298,7 @@ def build_model(cfg: RunConfig, vocab_size: int, special_ids: dict[str, int]):
 def resume(engine, plan: checkpoint.ResumePlan, run: Run) -> TrainState:
     """Load the planned checkpoint into the engine and return its train state."""
     ckpt_dir = run.cfg.run_dir / "checkpoints"
-    base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # under the ZeRO wrapper
-    decays = [g["weight_decay"] for g in base.param_groups]
-    path, client = engine.load_checkpoint(str(ckpt_dir), tag=plan.tag)
-    # DeepSpeed's ZeRO-3 universal load copies the first parameter group's hyperparameters
-    # to every group (weight decay onto biases and LayerNorms), and gives every group the same
-    # `step` tensor, which torch's AdamW then increments once per group. Undo both.
-    for group, decay in zip(base.param_groups, decays, strict=True):
-        group["weight_decay"] = decay
-    for st in base.state.values():
-        if torch.is_tensor(st.get("step")):
-            st["step"] = st["step"].clone()
+    path, client = checkpoint.load(engine, ckpt_dir, plan.tag)
     if path is None:
         raise checkpoint.ResumeRefused(f"DeepSpeed could not load checkpoint {plan.tag}")
     checkpoint.check_data_order(

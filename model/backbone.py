@@ -154,7 +154,7 @@ class DisentangledSelfAttention(nn.Module):
         self.key_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.value_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.pos_dropout = Dropout(cfg.hidden_dropout_prob)
-        self.dropout = Dropout(cfg.attention_probs_dropout_prob)
+        self.probs_dropout = cfg.attention_probs_dropout_prob  # applied in dropout_matmul
         self.scale = 1.0 / math.sqrt(self.head_dim * 3)
 
     def _heads_first(self, x: torch.Tensor) -> torch.Tensor:
@@ -198,7 +198,7 @@ class DisentangledSelfAttention(nn.Module):
                 pad, torch.finfo(scores.dtype).min
             )
         probs = scores.softmax(dim=-1)  # (heads B, L, L)
-        ctx = dropout_matmul(probs, v, self.dropout.p, self.training)  # dropout(probs) @ v
+        ctx = dropout_matmul(probs, v, self.probs_dropout, self.training)  # dropout(probs) @ v
         ctx = ctx.view(self.heads, batch, length, self.head_dim)
         return ctx.permute(1, 2, 0, 3).reshape(batch, length, hidden)  # (B, L, H)
 
