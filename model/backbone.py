@@ -106,7 +106,11 @@ class WordEmbedding(nn.Embedding):
     """Token embedding that can also be used transposed, as the tied MLM output layer,
     so the weight is only ever read inside this module's forward (ZeRO-3 safe)."""
 
-    def forward(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, transpose: bool = False, head=None):
+        """Lookup (..., ) -> (..., H); `transpose`: (..., H) -> (..., V) logits; `head`: the
+        result of `head(x, self.weight)` (a fused output layer, e.g. the MLM loss)."""
+        if head is not None:
+            return head(x, self.weight)
         if transpose:
             return F.linear(x, self.weight)  # (..., H) -> (..., V)
         return super().forward(x)  # (...,) -> (..., H)

@@ -3,7 +3,8 @@
 - `MLMHead`: the generator's masked-LM head, parameter names of HF `DebertaV2ForMaskedLM`
   with `legacy=True` (`cls.predictions.transform.{dense,LayerNorm}`, `cls.predictions.bias`);
   the output layer is the generator's word embedding (tied), used transposed inside the
-  embedding module's own forward so ZeRO-3 gathers it there.
+  embedding module's own forward so ZeRO-3 gathers it there. In training, the vocabulary
+  logits, MLM loss and replacement samples are fused and row-chunked (`model.vocab_loss`).
 - `RTDHead`: the discriminator's per-token binary classifier,
   LayerNorm(h + h[:, 0]) -> Linear(H, H) -> GELU -> Linear(H, 1).
 
@@ -12,12 +13,15 @@ Shape legend: B batch, L sequence length, H hidden size, N masked tokens, V voca
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model.backbone import WordEmbedding, init_weights
 from model.config import DebertaV3Config
+from model.vocab_loss import VocabTargets, fused_vocab_loss
 
 
 class PredictionTransform(nn.Module):
@@ -40,8 +44,13 @@ class LMPredictions(nn.Module):
         self.transform = PredictionTransform(cfg)
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
-    def forward(self, h: torch.Tensor, word_embeddings: WordEmbedding) -> torch.Tensor:
-        return word_embeddings(self.transform(h), transpose=True) + self.bias  # (N, V)
+    def forward(self, h, word_embeddings: WordEmbedding, request: VocabTargets | None = None):
+        """(N, V) logits; with `request`, the fused (loss_sum, samples, correct) of
+        `model.vocab_loss` instead, without materialising the logits for autograd."""
+        x = self.transform(h)  # (N, H)
+        if request is None:
+            return word_embeddings(x, transpose=True) + self.bias  # (N, V)
+        return word_embeddings(x, head=partial(fused_vocab_loss, bias=self.bias, request=request))
 
 
 class MLMHead(nn.Module):
@@ -52,8 +61,8 @@ class MLMHead(nn.Module):
         self.predictions = LMPredictions(cfg)
         self.apply(lambda m: init_weights(m, cfg.initializer_range))
 
-    def forward(self, h: torch.Tensor, word_embeddings: WordEmbedding) -> torch.Tensor:
-        return self.predictions(h, word_embeddings)  # (N, H) -> (N, V)
+    def forward(self, h, word_embeddings: WordEmbedding, request: VocabTargets | None = None):
+        return self.predictions(h, word_embeddings, request)  # (N, H) -> (N, V) or fused
 
 
 class RTDHead(nn.Module):

@@ -29,6 +29,7 @@ from torch import nn
 from model.backbone import DebertaV3Backbone
 from model.config import DebertaV3Config
 from model.heads import MLMHead, RTDHead
+from model.vocab_loss import VocabTargets, inverse_cdf_sample
 
 SHARING_MODES = ("gdes", "es", "nes")
 
@@ -89,11 +90,14 @@ class MaskedLMGenerator(nn.Module):
         input_ids: torch.Tensor,  # (B, L)
         attention_mask: torch.Tensor,  # (B, L)
         masked: torch.Tensor,  # (B, L) bool
-    ) -> torch.Tensor:
+        request: VocabTargets | None = None,
+    ):
         """Vocabulary logits at masked positions only (N, V), in row-major order of `masked`:
-        the full-vocabulary head over every token would be most of the step's FLOPs."""
+        the full-vocabulary head over every token would be most of the step's FLOPs. With
+        `request`: (MLM loss summed over the rows, sampled replacements (N,), number of rows
+        whose argmax is the target) from the fused, row-chunked head (`model.vocab_loss`)."""
         h = self.deberta(input_ids, attention_mask)  # (B, L, H)
-        return self.cls(h[masked], self.deberta.embeddings.word_embeddings)  # (N, V)
+        return self.cls(h[masked], self.deberta.embeddings.word_embeddings, request)
 
 
 class RTDModel(nn.Module):
@@ -152,23 +156,18 @@ class RTDModel(nn.Module):
 
     @torch.no_grad()
     def sample_replacements(self, logits: torch.Tensor, generator: torch.Generator | None):
-        """One sample per row from softmax(logits) (temperature 1), banned ids excluded: (N,).
-
-        Inverse-CDF sampling: one uniform per row against the running sum of exp(logit - max),
-        so it is exactly the categorical distribution while drawing N random numbers instead
-        of the N x V exponentials of `torch.multinomial`. A banned id has weight 0, so the
-        running sum does not grow at it and the first index whose sum exceeds u is never it."""
+        """One sample per row from softmax(logits) (temperature 1), banned ids excluded: (N,),
+        by inverse-CDF sampling (`model.vocab_loss.inverse_cdf_sample`). The training step
+        draws the same uniforms and samples chunk by chunk inside the fused head."""
         if logits.shape[0] == 0:
             return torch.zeros(0, dtype=torch.long, device=logits.device)
-        weights = logits.float().masked_fill(self.banned_ids(logits.device), float("-inf"))
-        weights = weights.sub_(weights.amax(-1, keepdim=True)).exp_().cumsum_(-1)  # (N, V)
-        u = torch.rand(
-            (weights.shape[0], 1), generator=generator, device=weights.device, dtype=weights.dtype
-        )
-        total = weights[:, -1:]  # (N, 1)
-        # u * total < total even where the product rounds up, so the index stays in range
-        target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
-        return torch.searchsorted(weights, target, right=True).squeeze(-1)
+        u = self.replacement_uniforms(logits.shape[0], generator, logits.device)
+        return inverse_cdf_sample(logits, self.banned_ids(logits.device), u)
+
+    @staticmethod
+    def replacement_uniforms(rows: int, generator: torch.Generator | None, device) -> torch.Tensor:
+        """(rows, 1) float32 uniforms, one per masked token, for inverse-CDF sampling."""
+        return torch.rand((rows, 1), generator=generator, device=device, dtype=torch.float32)
 
     def discriminator_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
         """The discriminator's token embeddings (B, L, H) under the sharing mode."""
@@ -192,12 +191,17 @@ class RTDModel(nn.Module):
         # 1. mask
         masked = self.mask_tokens(input_ids, attention_mask, generator)  # (B, L)
         gen_ids = input_ids.masked_fill(masked, self.special.mask_id)
-        # 2. generator MLM loss at masked positions
-        logits = self.generator(gen_ids, attention_mask, masked)  # (N, V)
+        # 2. generator MLM loss at masked positions and 3. replacements sampled from its
+        # softmax (no gradient), fused per chunk of rows (the (N, V) logits are never kept)
         targets = input_ids[masked]  # (N,)
-        mlm_loss = F.cross_entropy(logits.float(), targets, reduction="sum") / max(len(targets), 1)
-        # 3. sample replacements (no gradient), 4. label: replaced unless sample == original
-        samples = self.sample_replacements(logits.detach(), generator)  # (N,)
+        request = VocabTargets(
+            targets=targets,
+            banned=self.banned_ids(input_ids.device),
+            uniforms=self.replacement_uniforms(len(targets), generator, input_ids.device),
+        )
+        mlm_sum, samples, gen_correct = self.generator(gen_ids, attention_mask, masked, request)
+        mlm_loss = mlm_sum / max(len(targets), 1)
+        # 4. label: replaced unless the sample equals the original
         disc_ids = input_ids.masked_scatter(masked, samples)  # (B, L)
         replaced = disc_ids != input_ids  # (B, L) bool
         # 5. discriminator RTD loss over non-pad tokens
@@ -208,10 +212,10 @@ class RTDModel(nn.Module):
         rtd_labels = replaced[attention_mask]  # (T,)
         rtd_loss = F.binary_cross_entropy_with_logits(rtd_logits, rtd_labels.float())
         loss = mlm_loss + self.rtd_weight * rtd_loss
-        return self._metrics(loss, mlm_loss, rtd_loss, logits, targets, rtd_logits, rtd_labels)
+        return self._metrics(loss, mlm_loss, rtd_loss, gen_correct, targets, rtd_logits, rtd_labels)
 
     @torch.no_grad()
-    def _metrics(self, loss, mlm_loss, rtd_loss, logits, targets, rtd_logits, rtd_labels):
+    def _metrics(self, loss, mlm_loss, rtd_loss, gen_correct, targets, rtd_logits, rtd_labels):
         num_masked, num_tokens = torch.tensor(targets.numel()), torch.tensor(rtd_labels.numel())
         pred = rtd_logits > 0
         tp = (pred & rtd_labels).sum()
@@ -220,7 +224,7 @@ class RTDModel(nn.Module):
             loss=loss,
             mlm_loss=mlm_loss,
             rtd_loss=rtd_loss,
-            gen_acc=_ratio((logits.argmax(-1) == targets).sum(), num_masked),
+            gen_acc=_ratio(gen_correct, num_masked),
             disc_acc=_ratio((pred == rtd_labels).sum(), num_tokens),
             disc_precision=_ratio(tp, pred.sum()),
             disc_recall=_ratio(tp, num_replaced),
