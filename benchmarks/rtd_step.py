@@ -8,11 +8,14 @@ Both sides run the same step at the xsmall shape (vocab 128100):
   token, as HF does) + `DebertaV2Model` discriminator fed sg(E_G) + E_delta + our `RTDHead`.
 
 Each (implementation, shape, precision) runs in its own subprocess so peak RSS is its own.
-MFU = achieved useful FLOP/s (`model.rtd_flops_per_sample`, identical for both sides) over a
-GEMM peak measured here, at the same thread count and precision.
+Each case runs `--rounds` times, alternating which side goes first, so that a slow minute on
+this shared VM hits both sides; the table gives the median step over rounds and the range of
+the per-round ratios. MFU = achieved useful FLOP/s (`model.rtd_flops_per_sample`, identical
+for both sides) over a GEMM peak measured here, at the same thread count and precision.
 
-    python benchmarks/rtd_step.py            # 1 warm-up + 2 timed steps per row (median)
-    python benchmarks/rtd_step.py --quick    # 1 warm-up + 1 timed step per row
+    python benchmarks/rtd_step.py               # 2 rounds of 1 warm-up + 2 timed steps
+    python benchmarks/rtd_step.py --quick       # 1 round of 1 warm-up + 1 timed step
+    python benchmarks/rtd_step.py --rounds 3
 """
 
 from __future__ import annotations
@@ -153,7 +156,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="1 warm-up + 1 timed step per row")
+    parser.add_argument("--quick", action="store_true", help="1 round of 1 warm-up + 1 timed step")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each case (default 2)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--gemm", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -167,6 +171,7 @@ def main() -> None:
     import transformers
 
     warmup, iters = (1, 1) if args.quick else (1, 2)
+    rounds = 1 if args.quick else max(1, args.rounds)
     load = os.getloadavg()
     peaks = {dt: run_subprocess(["--gemm", dt])["flops"] for dt in DTYPES}
     cfg = DebertaV3Config.from_preset("xsmall", vocab_size=VOCAB)
@@ -175,30 +180,40 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, deepspeed {version('deepspeed')}, "
         f"transformers {transformers.__version__}, 2 threads, "
-        f"{warmup} warm-up + {iters} timed steps (median), load average at start {load[0]:.2f}"
+        f"{rounds} round(s) of {warmup} warm-up + {iters} timed steps (median), "
+        f"load average at start {load[0]:.2f}"
     )
     gemm = ", ".join(f"{d} {p / 1e9:.0f} GFLOP/s" for d, p in peaks.items())
     print(f"GEMM peak (2048^3, 2 threads): {gemm}")
     print()
     print(
-        "| batch x len | precision | impl | step (s) | tokens/s | ours / hf | MFU | peak RSS (MB) |"
+        "| batch x len | precision | impl | step (s) | tokens/s | ours / hf (rounds) | MFU "
+        "| peak RSS (MB) |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for batch, seq_len in SHAPES:
         flops = rtd_flops_per_sample(cfg, cfg.generator_config(), seq_len, MASK_PROB)
         for dtype in DTYPES:
-            res = {}
-            for impl in ("ours", "hf"):
-                spec = {"impl": impl, "dtype": dtype, "batch": batch, "seq_len": seq_len}
-                spec.update(warmup=warmup, iters=iters)
-                res[impl] = run_subprocess(["--worker", json.dumps(spec)])
-            ratio = res["ours"]["tokens_per_s"] / res["hf"]["tokens_per_s"]
-            for impl, r in res.items():
-                mfu = r["samples_per_s"] * flops / peaks[dtype]
-                shown = f"{ratio:.2f}x" if impl == "ours" else ""
+            runs = {"ours": [], "hf": []}
+            for round_ in range(rounds):
+                for impl in ("ours", "hf") if round_ % 2 == 0 else ("hf", "ours"):
+                    spec = {"impl": impl, "dtype": dtype, "batch": batch, "seq_len": seq_len}
+                    spec.update(warmup=warmup, iters=iters)
+                    runs[impl].append(run_subprocess(["--worker", json.dumps(spec)]))
+            step = {impl: statistics.median(r["step_s"] for r in rs) for impl, rs in runs.items()}
+            per_round = [
+                h["step_s"] / o["step_s"] for o, h in zip(runs["ours"], runs["hf"], strict=True)
+            ]
+            ratio = f"{step['hf'] / step['ours']:.2f}x"
+            if rounds > 1:
+                ratio += f" ({min(per_round):.2f}-{max(per_round):.2f})"
+            for impl, rs in runs.items():
+                mfu = batch / step[impl] * flops / peaks[dtype]
+                rss = max(r["peak_rss_mb"] for r in rs)
                 print(
-                    f"| {batch} x {seq_len} | {dtype} | {impl} | {r['step_s']:.2f} | "
-                    f"{r['tokens_per_s']:.0f} | {shown} | {mfu:.1%} | {r['peak_rss_mb']:.0f} |",
+                    f"| {batch} x {seq_len} | {dtype} | {impl} | {step[impl]:.2f} | "
+                    f"{batch * seq_len / step[impl]:.0f} | {ratio if impl == 'ours' else ''} | "
+                    f"{mfu:.1%} | {rss:.0f} |",
                     flush=True,
                 )
     per_sample = rtd_flops_per_sample(cfg, cfg.generator_config(), 512, MASK_PROB)

@@ -5,8 +5,9 @@ tokens/s of both, the ratio, MFU, peak RSS, versions) with tcmalloc preloaded wh
 installed (Debian `libtcmalloc-minimal4`; both sides get the same allocator, see
 docs/performance.md), and writes its table to `benchmarks/results.md` (or `--out`).
 
-    python benchmarks/run_all.py                 # full (1 warm-up + 2 timed steps per row)
-    python benchmarks/run_all.py --quick         # 1 warm-up + 1 timed step per row
+    python benchmarks/run_all.py                 # full: 2 rounds of 1 warm-up + 2 timed steps
+    python benchmarks/run_all.py --quick         # 1 round of 1 warm-up + 1 timed step
+    python benchmarks/run_all.py --rounds 3
     python benchmarks/run_all.py --allocator glibc
 """
 
@@ -30,6 +31,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--allocator", choices=["tcmalloc", "glibc"], default="tcmalloc")
     parser.add_argument("--out", type=Path, default=HERE / "results.md")
     args = parser.parse_args()
@@ -39,7 +41,8 @@ def main() -> None:
     if args.allocator == "tcmalloc" and lib:
         env["LD_PRELOAD"] = f"{lib} {env.get('LD_PRELOAD', '')}".strip()
         allocator = f"tcmalloc ({lib})"
-    cmd = [sys.executable, str(HERE / "rtd_step.py"), *(["--quick"] if args.quick else [])]
+    cmd = [sys.executable, str(HERE / "rtd_step.py"), "--rounds", str(args.rounds)]
+    cmd += ["--quick"] if args.quick else []
     start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     sys.stderr.write(proc.stderr[-3000:] if proc.returncode else "")
