@@ -82,6 +82,27 @@ def test_fused_under_bf16_autocast_tracks_plain():
     assert samples.min() >= 5 and samples.max() < 1000
 
 
+@pytest.mark.parametrize("grad", [True, False])
+def test_rows_whose_mass_is_on_banned_ids_are_sampled_exactly(grad):
+    """Rows where banned ids hold (nearly) all the mass (allowed weights underflow relative to
+    the row max) fall back to the exact sampler and still never draw a banned id; the other
+    rows keep the shared-exp sampling. Both match `inverse_cdf_sample` on the full logits."""
+    x, w, b, request = inputs(3)
+    x, w = x.detach().clone(), w.detach().clone()
+    w[1] = 0.0
+    w[1, 0] = 1e3  # the [CLS] logit is 1e3 * x[:, 0]:
+    x[::2, 0] = 50.0  # +5e4 on even rows (banned mass ~1: their allowed weights underflow)
+    x[1::2, 0] = -50.0  # -5e4 on odd rows (banned mass ~0)
+    w.requires_grad_(grad)
+    x.requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        loss, samples, _ = fused_vocab_loss(x, w, b, request, chunk_elements=4 * VOCAB)
+        ref_loss, ref_samples, _ = plain(x, w, b, request)
+    assert torch.equal(samples, ref_samples)
+    assert not request.banned[samples].any()
+    assert_close(loss, ref_loss)
+
+
 def test_without_gradients_keeps_one_chunk_and_gives_the_same_values():
     x, w, b, request = inputs(2)
     with_grad = fused_vocab_loss(x, w, b, request, chunk_elements=4 * VOCAB)
