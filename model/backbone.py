@@ -93,13 +93,18 @@ def relative_shift(x: torch.Tensor) -> torch.Tensor:
     return flat.unflatten(-1, (length, 2 * length - 2))[..., :length]
 
 
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would run a matmul of `x` in (x's own dtype without autocast)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
 def _autocast_input(x: torch.Tensor) -> torch.Tensor:
     """`x` in autocast's matmul dtype when autocast is on: a tensor that feeds several
     projections is cast once (autocast would cast it, and its gradient back, per matmul)."""
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        return x.to(torch.get_autocast_dtype(device))
-    return x
+    return x.to(matmul_dtype(x))
 
 
 class WordEmbedding(nn.Embedding):

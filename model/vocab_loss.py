@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from model.backbone import matmul_dtype
+
 # logits per chunk: 32 M floats = 128 MB, 262 rows at V = 128100. Smaller chunks make the
 # (rows, H) x (H, V) GEMMs re-read the weight more often: at 65 rows they cost 1.5x (fp32) and
 # 1.3x (bf16) the time of one GEMM over 614 rows; at 262 rows 1.1x. The step's peak RSS at
@@ -67,14 +69,6 @@ def sample_cumulative(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 # Below this, the allowed ids' weights exp(logit - global max) may be subnormal: such rows are
 # sampled again from their logits with the exact `inverse_cdf_sample`.
 _MIN_ALLOWED_MASS = 2.0**-100
-
-
-def matmul_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype autocast would run a matmul of `x` in (x's own dtype without autocast)."""
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return x.dtype
 
 
 class _FusedVocabLoss(torch.autograd.Function):
