@@ -39,19 +39,19 @@ def _status_kb(field: str) -> int:
 
 def measure(shards: str, samples: int, global_batch: int, micro: int, world: int) -> dict:
     """One case, run in a child process so RSS figures are its own."""
-    from data_pipeline.loader import ShardStream
+    from data_pipeline.stream import ShardStream
 
     t0 = time.perf_counter()
-    stream = ShardStream(shards)
+    stream = ShardStream.open(shards)
     it = stream.rank_batches(0, global_batch, micro, rank=0, world_size=world)
     warm = 0
     while warm < 20_000:  # every shard mapped and hashed at least once
-        warm += len(next(it)["sample_index"])
+        warm += len(next(it).sample_index)
     warmup_s = time.perf_counter() - t0
     n_tokens = 0
     t1 = time.perf_counter()
     while n_tokens < samples * stream.manifest.seq_len:
-        n_tokens += next(it)["input_ids"].size
+        n_tokens += next(it).input_ids.size
     seconds = time.perf_counter() - t1
     return {
         "rows": sum(s.rows for s in stream.manifest.shards),

@@ -23,7 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from launcher.allocator import tcmalloc_library  # noqa: E402
+from launcher.train.allocator import tcmalloc_library  # noqa: E402
 
 
 def main() -> None:

@@ -105,18 +105,22 @@ def part_ranks(a) -> None:
 
 
 def part_loader(a) -> None:
+    import dataclasses
+
     import numpy as np
     import torch
 
-    from launcher import distributed
     from launcher.config import parse_args
-    from launcher.pretrain import TrainState, setup, train_step, update_state
+    from launcher.train import distributed
+    from launcher.train.loop import TrainState, train_step, update_state
+    from launcher.train.main import setup
+    from launcher.train.preflight import preflight
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = parse_args(run_args(a, Path(tmp), "loader"))
         cfg.checkpoint.resume = False
         env = distributed.discover()
-        engine, stream, _, run = setup(cfg, env)
+        engine, stream, _, run = setup(preflight(cfg, env.world_size), env)
         gas = engine.gradient_accumulation_steps()
         g = cfg.train.global_batch_size
 
@@ -134,7 +138,10 @@ def part_loader(a) -> None:
         t0 = time.perf_counter()
         pulled = [[next(it) for _ in range(gas)] for _ in range(n)]
         loader_s = (time.perf_counter() - t0) / n
-        synthetic = [[{k: np.copy(v) for k, v in mb.items()} for mb in step] for step in pulled]
+        synthetic = [
+            [dataclasses.replace(mb, input_ids=np.copy(mb.input_ids)) for mb in step]
+            for step in pulled
+        ]
 
         # Interleaved (live, synthetic, live, ...) so that both see the same machine load.
         st, live_it, times = TrainState(), batches(0), {"live": [], "synthetic": []}
@@ -142,7 +149,7 @@ def part_loader(a) -> None:
             for kind in ("live", "synthetic"):
                 t = time.perf_counter()
                 mbs = [next(live_it) for _ in range(gas)] if kind == "live" else synthetic[i]
-                update_state(st, train_step(engine, mbs, st, run), run, g)
+                update_state(st, train_step(engine, mbs, run), run.languages, g)
                 times[kind].append(time.perf_counter() - t)
         live, mem = (statistics.median(times[k][1:]) for k in ("live", "synthetic"))
         shutil.rmtree(Path(tmp) / "loader", ignore_errors=True)

@@ -12,7 +12,8 @@ Modules, in data-flow order:
 - `tokenizer`, `train_tokenizer`: DeBERTaV3 ids, Hugging Face-identical encoding, training.
 - `packing`, `build_shards`: rows of exactly seq_len, atomic Arrow shards, parallel/MPI build.
 - `manifest`, `verify`: what a shard directory holds, and the checks that it still does.
-- `mixing`, `permutation`, `loader`: the global sample order and `ShardStream`.
+- `mixing`, `permutation`, `stream`: the global sample order, `ShardStream` and the
+  `MicroBatch` it yields.
 - `torch_dataset`: `RankIterableDataset` for torch DataLoader (the only torch import).
 
 numpy, pyarrow and sentencepiece only (plus `tokenizers` for models whose scores are not on

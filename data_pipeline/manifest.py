@@ -199,3 +199,10 @@ def load_manifest(shards_dir: str | Path, check_files: bool = True) -> Manifest:
         if bad:
             raise ValueError(f"{path}: {len(bad)} bad shard(s):\n" + "\n".join(bad))
     return manifest
+
+
+def tokenizer_mismatch(manifest: Manifest, tokenizer_sha256: str) -> str | None:
+    """None when the shards were built with this tokenizer, else both hashes for a message."""
+    if manifest.tokenizer_sha256 == tokenizer_sha256:
+        return None
+    return f"(shards: sha256 {manifest.tokenizer_sha256[:12]}, tokenizer: {tokenizer_sha256[:12]})"

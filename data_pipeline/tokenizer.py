@@ -17,9 +17,9 @@ The configuration that agrees:
   switched off, after `normalize_text` + `_metaspace` in Python (`Encoder`);
 - round piece scores to a 1/16 grid (`quantize_scores`), so sentencepiece's float32 path
   sums are exact and ties break as in Hugging Face's float64 ones.
-Byte-fallback pieces are still trained into the vocabulary (DESIGN: "unigram with byte
-fallback"), but Hugging Face never produces them, so neither do we: the ids we write are
-Hugging Face's, on every input (tests: tricky strings and the whole sample corpus).
+Byte-fallback pieces are still trained into the vocabulary (a unigram model with byte
+fallback, as DeBERTaV3's), but Hugging Face never produces them, so neither do we: the ids we
+write are Hugging Face's, on every input (tests: tricky strings and the whole sample corpus).
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
+from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import Unigram
 
 MODEL_NAME = "spm.model"
 META_NAME = "tokenizer_meta.json"
@@ -152,6 +154,33 @@ def _fast_proto(proto: spm_pb2.ModelProto) -> bytes:
     return proto.SerializeToString()
 
 
+def build_hf_tokenizer(pieces: list[tuple[str, float]], unk_id: int) -> Tokenizer:
+    """transformers 5.x's DebertaV2Tokenizer backend rebuilt from (piece, score) in id order:
+    whitespace-run collapsing, NFC, right strip, Metaspace with an always-prepended "▁",
+    Unigram Viterbi without byte fallback (one [UNK] per unknown run), the special pieces
+    matched before normalization ([MASK] appended, id = piece count, when the model lacks
+    it), and DeBERTaV3's `[CLS] A [SEP]` / `[CLS] A [SEP] B [SEP]` templates. The pipeline's
+    reference encoder and the export's tokenizer.json are both this tokenizer."""
+    t = Tokenizer(Unigram(pieces, unk_id=unk_id, byte_fallback=False))
+    t.normalizer = normalizers.Sequence(
+        [
+            normalizers.Replace(Regex(r"\s{2,}|[\n\r\t]"), " "),
+            normalizers.NFC(),
+            normalizers.Strip(left=False, right=True),
+        ]
+    )
+    t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    t.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    t.add_special_tokens(list(SPECIAL_PIECES.values()))
+    cls_id, sep_id = (t.token_to_id(SPECIAL_PIECES[k]) for k in ("cls", "sep"))
+    t.post_processor = processors.TemplateProcessing(
+        single="[CLS]:0 $A:0 [SEP]:0",
+        pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    return t
+
+
 def _metaspace(text: str) -> str:
     """Hugging Face's Metaspace(prepend_scheme="always") on normalized text."""
     if not text:
@@ -179,23 +208,7 @@ class Encoder:
         if self.fast:
             self._sp = spm.SentencePieceProcessor(model_proto=_fast_proto(proto))
         else:
-            self._tok = self._reference_tokenizer(pieces)
-
-    def _reference_tokenizer(self, pieces):
-        from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
-        from tokenizers.models import Unigram
-
-        tok = Tokenizer(Unigram(pieces, unk_id=self.unk_id, byte_fallback=False))
-        tok.normalizer = normalizers.Sequence(
-            [
-                normalizers.Replace(Regex(r"\s{2,}|[\n\r\t]"), " "),
-                normalizers.NFC(),
-                normalizers.Strip(left=False, right=True),
-            ]
-        )
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
-        tok.add_special_tokens(list(SPECIAL_PIECES.values()))
-        return tok
+            self._tok = build_hf_tokenizer(pieces, self.unk_id)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         if not self.fast:

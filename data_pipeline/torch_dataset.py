@@ -4,7 +4,7 @@ Use with ``DataLoader(ds, batch_size=None, num_workers=k)``: items are already m
 batches. With k workers, worker w produces micro batches w, w+k, w+2k, ... of the rank's
 sequence, and DataLoader's in-order round-robin over workers (the default `in_order=True`)
 returns them in the original order, so no sample is duplicated or dropped for any k. Every
-micro batch is located in O(1) (`ShardStream.iter_micro_batches` with a stride), so workers
+micro batch is located in O(1) (`ShardStream.rank_batches` with a stride), so workers
 skip nothing by replay. Each worker opens its own `ShardStream` (memory maps are per process).
 """
 
@@ -15,14 +15,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from data_pipeline.loader import ShardStream, check_batch_geometry
+from data_pipeline.stream import MicroBatch, ShardStream, check_batch_geometry
 
 
 class RankIterableDataset(IterableDataset):
-    """Infinite stream of this rank's micro batches as torch tensors.
-
-    Items: input_ids int32 (m, seq_len), lang int16 (m,), sample_index int64 (m,); the same
-    values `ShardStream.rank_batches` yields, in the same order.
+    """Infinite stream of this rank's micro batches: the `MicroBatch`es that
+    `ShardStream.rank_batches` yields, in the same order, with torch tensors for the arrays.
     """
 
     def __init__(
@@ -50,11 +48,17 @@ class RankIterableDataset(IterableDataset):
 
     def __iter__(self):
         if self._stream is None:  # opened lazily, in the worker process
-            self._stream = ShardStream(self.shards_dir, **self.stream_kwargs)
+            self._stream = ShardStream.open(self.shards_dir, **self.stream_kwargs)
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        batches = self._stream.iter_micro_batches(
+        batches = self._stream.rank_batches(
             self.start_sample, *self.geometry, first=worker, stride=workers
         )
-        for batch in batches:
-            yield {k: torch.from_numpy(v) for k, v in batch.items()}
+        for mb in batches:
+            yield MicroBatch(
+                input_ids=torch.from_numpy(mb.input_ids),
+                lang=torch.from_numpy(mb.lang),
+                sample_index=torch.from_numpy(mb.sample_index),
+                step=mb.step,
+                lang_tokens=torch.from_numpy(mb.lang_tokens),
+            )

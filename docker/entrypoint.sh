@@ -14,7 +14,7 @@ usage: rtdspeed COMMAND [ARGS...]     (in the image: docker run IMAGE COMMAND [A
   build-shards ARGS      python -m data_pipeline.build_shards ARGS
   verify-shards DIR      python -m data_pipeline.verify DIR
   pretrain ARGS          python launcher/pretrain.py ARGS (one process)
-  export ARGS            python -m launcher.export ARGS
+  export ARGS            python -m launcher.hf.export ARGS
   demo                   python -m launcher.demo (the whole pipeline on the bundled sample)
   sshd                   run sshd in the foreground (a worker node of a multi-node job)
   help                   this text
@@ -55,7 +55,7 @@ case "${cmd}" in
   build-shards) exec python -m data_pipeline.build_shards "$@" ;;
   verify-shards) exec python -m data_pipeline.verify "$@" ;;
   pretrain) exec python "${SRC}/launcher/pretrain.py" "$@" ;;
-  export) exec python -m launcher.export "$@" ;;
+  export) exec python -m launcher.hf.export "$@" ;;
   demo) exec python -m launcher.demo "$@" ;;
   sshd) sshd -D -e "$@" ;;
   help | -h | --help) usage ;;

@@ -6,7 +6,8 @@ vectors are much more alike than the discriminator's, GDES sits between).
     python -m launcher.analyze --run RUN_DIR [--run RUN2 ...] [--export DIR ...] \
         [--step N] [--top 100,500,1000] [--out DIR]
 
-For a run, the checkpoint is consolidated as by `launcher.export` (GDES: E_D = E_G + E_delta);
+For a run, the checkpoint is consolidated as for an export (`launcher.runs`; GDES:
+E_D = E_G + E_delta);
 for an export, OUT/{generator,discriminator}/model.safetensors are read. Token frequencies
 are counted over the run's shards (`--shards DIR` for an export); without shards, token ids
 in spm.model order are used (sentencepiece sorts pieces by score, a rough frequency order),
@@ -26,9 +27,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
+from safetensors.torch import load_file
 
-WORD = "embeddings.word_embeddings.weight"
+from data_pipeline.manifest import load_manifest
+from launcher.hf.export import EXPORT_META
+from launcher.hf.mapping import WORD
+from launcher.runs import RunError, load_checkpoint_weights, load_run
+
 DEFAULT_TOP = (100, 500, 1000)
 
 
@@ -58,45 +65,28 @@ class Row:
 
 # -- loading -------------------------------------------------------------------------------
 def from_run(run_dir: str | Path, step: int | None = None, label: str | None = None):
-    from launcher.export import (
-        build_meta_model,
-        check_state_dict,
-        consolidated_state_dict,
-        load_run,
-        select_checkpoint,
-    )
-
-    run = load_run(run_dir)
-    found, tag_dir = select_checkpoint(run.run_dir, step)
-    model = build_meta_model(run.cfg, run.tokenizer)
-    sd = consolidated_state_dict(tag_dir)
-    check_state_dict(model, sd, tag_dir)
-    parts = model.hf_state_dicts(sd)
-    shards = run.manifest.root if run.manifest is not None else None
+    w = load_checkpoint_weights(run_dir, step)
+    run = w.run
     return Embeddings(
         label=label or run.run_dir.name,
-        sharing=model.sharing,
-        step=found,
-        e_g=parts["generator"][f"deberta.{WORD}"],
-        e_d=parts["discriminator"][WORD],
+        sharing=w.model.sharing,
+        step=w.step,
+        e_g=w.parts["generator"][f"deberta.{WORD}"],
+        e_d=w.parts["discriminator"][WORD],
         special_ids=sorted(run.tokenizer.special_ids.values()),
-        shards_dir=shards,
+        shards_dir=run.manifest.root if run.manifest is not None else None,
         vocab_size=run.tokenizer.vocab_size,
     )
 
 
 def from_export(out_dir: str | Path, shards_dir: str | Path | None = None, label=None):
-    from safetensors.torch import load_file
-
-    from launcher.export import EXPORT_META, ExportError, load_run
-
     out_dir = Path(out_dir)
     meta_path = out_dir / EXPORT_META
     if not meta_path.is_file():
-        raise ExportError(f"{out_dir}: no {EXPORT_META} (not an rtdspeed export)")
+        raise RunError(f"{out_dir}: no {EXPORT_META} (not an rtdspeed export)")
     meta = json.loads(meta_path.read_text())
     if shards_dir is None and (Path(meta["run"]) / "config.toml").is_file():
-        with contextlib.suppress(ExportError):  # the run's shards, if still there
+        with contextlib.suppress(RunError):  # the run's shards, if still there
             manifest = load_run(meta["run"]).manifest
             shards_dir = manifest.root if manifest is not None else None
     return Embeddings(
@@ -113,10 +103,6 @@ def from_export(out_dir: str | Path, shards_dir: str | Path | None = None, label
 
 def token_counts(shards_dir: Path, vocab_size: int) -> np.ndarray:
     """Occurrences of every id over all rows of the shard directory: (V,) int64."""
-    import pyarrow as pa
-
-    from data_pipeline.manifest import load_manifest
-
     m = load_manifest(shards_dir, check_files=False)
     counts = np.zeros(vocab_size, dtype=np.int64)
     for shard in m.shards:
@@ -183,6 +169,8 @@ def table(rows: list[Row]) -> str:
 
 
 def plot(rows: list[Row], path: Path) -> None:
+    # lazy: matplotlib costs about a second to import and only the plot needs it; its
+    # backend must be chosen before pyplot is imported
     import matplotlib
 
     matplotlib.use("Agg")
@@ -221,8 +209,6 @@ def write_outputs(rows: list[Row], out_dir: Path) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from launcher.export import ExportError
-
     ap = argparse.ArgumentParser(
         prog="python -m launcher.analyze", description=__doc__.split("\n")[0]
     )
@@ -239,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         embs = [from_run(r, args.step) for r in args.run]
         embs += [from_export(e, args.shards) for e in args.export]
-    except ExportError as e:
+    except RunError as e:
         print(f"rtdspeed analyze: error: {e}", file=sys.stderr)
         return 2
     rows = [row for emb in embs for row in analyze(emb, top)]

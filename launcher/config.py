@@ -3,12 +3,14 @@
     python -m launcher.pretrain --config launcher/recipes/demo.toml --train.max_steps=50
 
 Precedence: command line (`--section.key=value` or `--section.key value`) > TOML file >
-dataclass defaults. Unknown sections or keys are errors that name the key. `validate()` runs
-before any process group exists and names the bad field. The resolved config is written to
-`<run_dir>/config.toml`, which `--config` reads back (reproducing a run is one command).
+dataclass defaults. Unknown sections or keys are errors that name the key. `validate()` checks
+the values themselves (ranges, choices, batch divisibility) and names the bad field; the
+checks that read files (tokenizer, shards, ds_configs) are `launcher.train.preflight`'s. The
+resolved config is written to `<run_dir>/config.toml`, which `--config` reads back
+(reproducing a run is one command).
 
 Every value has one home: batch sizes, learning rate, schedule and clipping live here and are
-written into the DeepSpeed config by `launcher.engine`; `ds_configs/*.json` hold engine
+written into the DeepSpeed config by `launcher.train.engine`; `ds_configs/*.json` hold engine
 settings only.
 """
 
@@ -25,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import tomllib
+
+from model import DebertaV3Config, check_rtd_options
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,8 +71,6 @@ class TrainSection:
     micro_batch_size: int = 32  # samples per forward pass per rank
     max_steps: int = 500_000
     max_nonfinite_in_a_row: int = 5  # stop after this many skipped (non-finite) steps in a row
-    # Tests only: steps whose loss is replaced by NaN, to exercise the non-finite guard.
-    inject_nonfinite_steps: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -94,9 +96,6 @@ class CheckpointSection:
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted
     resume: bool = True  # resume from the newest complete checkpoint in the run dir
     force_resume: bool = False  # resume even if the data order changed (seed, batch, manifest)
-    # Tests only: at this step the last rank SIGKILLs itself after writing its checkpoint
-    # files, before the checkpoint is marked complete (a crash during a checkpoint write).
-    test_crash_before_marker_step: int = 0
 
 
 @dataclass
@@ -116,8 +115,9 @@ class DeepSpeedSection:
 
 @dataclass
 class InitSection:
-    # Start a fresh run from Hugging Face weights: an rtdspeed export (launcher.export OUT) or
-    # a local copy of a released DeBERTaV3 checkpoint (launcher/hf_init.py). Ignored on resume.
+    # Start a fresh run from Hugging Face weights: an rtdspeed export (launcher.hf.export OUT)
+    # or a local copy of a released DeBERTaV3 checkpoint (launcher/hf/import_weights.py).
+    # Ignored on resume.
     from_dir: str = ""
     generator_dir: str = ""  # a released generator, when from_dir is a discriminator alone
 
@@ -310,19 +310,17 @@ def resolve_path(p: str) -> Path:
 
 
 def validate(cfg: RunConfig, world_size: int) -> None:
-    """Check the config before any process group starts; raise ConfigError naming the field."""
-    from model import SHARING_MODES, DebertaV3Config
-
+    """Check the values before any process group starts; raise ConfigError naming the field."""
     m, t, o, c = cfg.model, cfg.train, cfg.optim, cfg.checkpoint
     if m.preset not in DebertaV3Config.PRESETS:
         raise ConfigError(
             f"model.preset={m.preset!r} is not a preset; choices: "
             f"{', '.join(DebertaV3Config.PRESETS)}"
         )
-    if m.sharing not in SHARING_MODES:
-        raise ConfigError(f"model.sharing={m.sharing!r}; choices: {', '.join(SHARING_MODES)}")
-    if not 0.0 < m.mask_prob < 1.0:
-        raise ConfigError(f"model.mask_prob={m.mask_prob} must be in (0, 1)")
+    try:
+        check_rtd_options(m.sharing, m.mask_prob)
+    except ValueError as e:
+        raise ConfigError(f"model.{e}") from None
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
     positive = {
@@ -355,73 +353,5 @@ def validate(cfg: RunConfig, world_size: int) -> None:
             f"optim.implementation={o.implementation!r}; choices: "
             f"{', '.join(OPTIM_IMPLEMENTATIONS)}"
         )
-    for p in cfg.deepspeed.configs:
-        if not resolve_path(p).is_file():
-            raise ConfigError(f"deepspeed.configs: file not found: {p}")
-    validate_precision(cfg)
-    for name in ("from_dir", "generator_dir"):
-        value = getattr(cfg.init, name)
-        if value and not resolve_path(value).is_dir():
-            raise ConfigError(f"init.{name}={value!r}: directory not found")
-    validate_data(cfg)
-
-
-def validate_precision(cfg: RunConfig) -> None:
-    """The precision the ds_configs enable must exist on this machine's accelerator (DeepSpeed
-    would stop every rank with a traceback)."""
-    from deepspeed.accelerator import get_accelerator
-
-    from launcher.engine import load_ds_configs
-
-    ds = load_ds_configs(cfg.deepspeed.configs)
-    enabled = [k for k in ("fp16", "bf16") if ds.get(k, {}).get("enabled", False)]
-    files = ", ".join(cfg.deepspeed.configs)
-    if len(enabled) == 2:
-        raise ConfigError(f"deepspeed.configs ({files}) enable both fp16 and bf16; choose one")
-    acc = get_accelerator()
-    supported = {"fp16": acc.is_fp16_supported(), "bf16": acc.is_bf16_supported()}
-    for k in enabled:
-        if not supported[k]:
-            hint = " (ds_configs/bf16.json is)" if supported["bf16"] else ""
-            raise ConfigError(
-                f"deepspeed.configs ({files}) enable {k}, which DeepSpeed's "
-                f"{acc.device_name()} accelerator does not support here{hint}"
-            )
-
-
-def validate_data(cfg: RunConfig) -> None:
-    """Shards and tokenizer exist, belong together and fit the model's vocabulary."""
-    from data_pipeline.manifest import load_manifest
-    from data_pipeline.tokenizer import load_tokenizer_dir
-    from model import round_vocab
-
-    d = cfg.data
-    for name, value in (("data.shards_dir", d.shards_dir), ("data.tokenizer_dir", d.tokenizer_dir)):
-        if not value:
-            raise ConfigError(f"{name} is not set")
-        if not Path(value).is_dir():
-            raise ConfigError(f"{name}={value!r}: directory not found")
-    if not (Path(d.shards_dir) / "manifest.json").is_file():
-        raise ConfigError(f"data.shards_dir={d.shards_dir!r}: no manifest.json (not a shard dir)")
-    try:
-        tok = load_tokenizer_dir(d.tokenizer_dir)
-    except Exception as e:  # the tokenizer package's own message says what is wrong
-        raise ConfigError(f"data.tokenizer_dir={d.tokenizer_dir!r}: {e}") from None
-    try:
-        manifest = load_manifest(d.shards_dir)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"data.shards_dir={d.shards_dir!r}: {e}") from None
-    if manifest.tokenizer_sha256 != tok.sha256:
-        raise ConfigError(
-            f"data.shards_dir={d.shards_dir!r} was built with a different tokenizer than "
-            f"data.tokenizer_dir={d.tokenizer_dir!r} (sha256 {manifest.tokenizer_sha256[:12]} "
-            f"!= {tok.sha256[:12]})"
-        )
-    if cfg.model.vocab_size and cfg.model.vocab_size < tok.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size={cfg.model.vocab_size} does not fit the tokenizer's "
-            f"{tok.vocab_size} ids (use 0 for round_vocab({tok.vocab_size}) = "
-            f"{round_vocab(tok.vocab_size)})"
-        )
-    if d.alpha <= 0 or d.alpha > 1:
-        raise ConfigError(f"data.alpha={d.alpha} must be in (0, 1]")
+    if not 0.0 < cfg.data.alpha <= 1.0:
+        raise ConfigError(f"data.alpha={cfg.data.alpha} must be in (0, 1]")

@@ -9,7 +9,7 @@ Steps (each a subprocess running the project's own command line tools):
 2. `python -m data_pipeline.build_shards` at seq_len 128
 3. `deepspeed --num_gpus 2 launcher/pretrain.py --config launcher/recipes/demo.toml ...`
    (2 CPU ranks without CUDA), a tiny DeBERTaV3 with GDES under ZeRO-2
-4. `python -m launcher.export` of the newest checkpoint to Hugging Face directories
+4. `python -m launcher.hf.export` of the newest checkpoint to Hugging Face directories
 5. a summary from the run's metrics.jsonl: first vs last losses and accuracies, and the
    discriminator accuracy of always answering "original" (1 - replaced fraction).
 
@@ -83,7 +83,7 @@ def train(out: Path, tok: Path, shards: Path, ranks: int, extra: list[str]) -> P
 
 def export(run_dir: Path, out: Path) -> Path:
     dest = out / "export"
-    cmd = [sys.executable, "-m", "launcher.export", "--run", str(run_dir), "--out", str(dest)]
+    cmd = [sys.executable, "-m", "launcher.hf.export", "--run", str(run_dir), "--out", str(dest)]
     sh([*cmd, "--force"], "4/4 export to Hugging Face directories")
     return dest
 

@@ -14,7 +14,7 @@ positions are identical; outputs at pad positions differ and are never used.
 ZeRO-3 rule followed throughout: a parameter is read only inside the `forward` of the module
 that owns it (DeepSpeed gathers a module's parameters only while its forward runs), hence
 the relative table is looked up by row ids and the tied MLM output layer is
-`WordEmbedding.forward(x, transpose=True)`. Only the rows of the relative table that the
+`WordEmbedding.forward(x, output_layer=...)`. Only the rows of the relative table that the
 sequence length can reach are projected (`relative_window`).
 
 Shape legend: B batch, L sequence length, H hidden size, heads attention heads,
@@ -33,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from model.config import DebertaV3Config
 from model.dropout import Dropout, dropout_matmul
+from model.precision import autocast_input
 
 
 def init_weights(module: nn.Module, std: float) -> None:
@@ -93,31 +94,15 @@ def relative_shift(x: torch.Tensor) -> torch.Tensor:
     return flat.unflatten(-1, (length, 2 * length - 2))[..., :length]
 
 
-def matmul_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype autocast would run a matmul of `x` in (x's own dtype without autocast)."""
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return x.dtype
-
-
-def _autocast_input(x: torch.Tensor) -> torch.Tensor:
-    """`x` in autocast's matmul dtype when autocast is on: a tensor that feeds several
-    projections is cast once (autocast would cast it, and its gradient back, per matmul)."""
-    return x.to(matmul_dtype(x))
-
-
 class WordEmbedding(nn.Embedding):
-    """Token embedding that can also be used transposed, as the tied MLM output layer,
-    so the weight is only ever read inside this module's forward (ZeRO-3 safe)."""
+    """Token embedding that also serves as the tied MLM output layer, so the weight is only
+    ever read inside this module's forward (ZeRO-3 safe)."""
 
-    def forward(self, x: torch.Tensor, transpose: bool = False, head=None):
-        """Lookup (..., ) -> (..., H); `transpose`: (..., H) -> (..., V) logits; `head`: the
-        result of `head(x, self.weight)` (a fused output layer, e.g. the MLM loss)."""
-        if head is not None:
-            return head(x, self.weight)
-        if transpose:
-            return F.linear(x, self.weight)  # (..., H) -> (..., V)
+    def forward(self, x: torch.Tensor, output_layer=None):
+        """Lookup (...,) -> (..., H); with `output_layer`: `output_layer(x, self.weight)` for
+        hidden states x (..., H) (a vocabulary head, `model.vocab_head`)."""
+        if output_layer is not None:
+            return output_layer(x, self.weight)
         return super().forward(x)  # (...,) -> (..., H)
 
 
@@ -179,7 +164,7 @@ class DisentangledSelfAttention(nn.Module):
         rel_embeddings: torch.Tensor,  # (S, H) reachable window of the 2k table
     ) -> torch.Tensor:
         batch, length, hidden = x.shape
-        x = _autocast_input(x)  # cast once here, not once per projection
+        x = autocast_input(x)  # cast once here, not once per projection
         q = self._heads_first(self.query_proj(x))  # (heads, B, L, d)
         k = self._heads_first(self.key_proj(x))  # (heads, B, L, d)
         v = self._heads_first(self.value_proj(x))  # (heads, B, L, d)
@@ -274,7 +259,7 @@ class Encoder(nn.Module):
         lo, hi = relative_window(x.shape[1], self.cfg)
         rows = torch.arange(lo, hi, device=x.device)
         rel_embeddings = self.LayerNorm(self.rel_embeddings(rows))  # (S, H), norm_rel_ebd
-        rel_embeddings = _autocast_input(rel_embeddings)  # once for all layers' projections
+        rel_embeddings = autocast_input(rel_embeddings)  # once for all layers' projections
         rel_index = relative_table_index(x.shape[1], self.cfg, x.device)  # (2L - 1,)
         if bool(key_mask.all()):
             key_mask = None  # packed rows have no padding: skip the (B, heads, L, L) fill

@@ -1,13 +1,12 @@
 """Dropout with a cheaper random mask on the CPU.
 
-`torch.nn.Dropout` on the CPU draws one random number per element (`bernoulli_`): 12.6% of
-an xsmall RTD training step at 4 x 512 fp32 (benchmarks/profile_step.py), most of it in the
-attention-probability dropout over (heads x B, L, L). Here each 64-bit draw of torch's
+`torch.nn.Dropout` on the CPU draws one random number per element (`bernoulli_`), a visible
+share of an RTD step, most of it in the attention-probability dropout over (heads x B, L, L)
+(docs/performance.md has the profile and the timings). Here each 64-bit draw of torch's
 generator gives four 16-bit uniforms, and an element is dropped when its uniform falls below
 round(p * 65536) / 65536 (p = 0.1 becomes 0.100006). Forward and backward multiply by the
-same saved mask and 1 / (1 - p). Measured on 48 x 512 x 512: 2.2x faster than F.dropout in
-fp32, 3.4x in bf16. Masks come from torch's default CPU generator, so `torch.manual_seed`
-and activation checkpointing (which replays the RNG state) reproduce them.
+same saved mask and 1 / (1 - p). Masks come from torch's default CPU generator, so
+`torch.manual_seed` and activation checkpointing (which replays the RNG state) reproduce them.
 
 On other devices this is `F.dropout` (fused and cheap there).
 """
@@ -62,7 +61,7 @@ class Dropout(nn.Dropout):
 
 def _dropped(probs: torch.Tensor, drop: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """probs with the dropped entries zeroed, in `dtype`: cast (a copy) first, then fill in
-    place, so under bf16 the fill touches half the bytes (2x faster at 48 x 512 x 512)."""
+    place, so under bf16 the fill touches half the bytes."""
     return probs.to(dtype, copy=True).masked_fill_(drop, 0)
 
 
@@ -89,7 +88,7 @@ class _DropoutMatmul(torch.autograd.Function):
 def dropout_matmul(probs: torch.Tensor, v: torch.Tensor, p: float, training: bool):
     """`Dropout(p)(probs) @ v` for (N, L, L) x (N, L, d) batches, in v's dtype. On the CPU in
     training, the dropped probabilities are not kept for backward (one (N, L, L) tensor less
-    per attention layer: 50 MB at 8 x 512 x 6 heads in fp32); the mask is `Dropout`'s."""
+    per attention layer); the mask is `Dropout`'s."""
     if not training or p == 0.0:
         return torch.bmm(probs.to(v.dtype), v)
     if probs.device.type != "cpu":

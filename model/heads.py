@@ -3,8 +3,9 @@
 - `MLMHead`: the generator's masked-LM head, parameter names of HF `DebertaV2ForMaskedLM`
   with `legacy=True` (`cls.predictions.transform.{dense,LayerNorm}`, `cls.predictions.bias`);
   the output layer is the generator's word embedding (tied), used transposed inside the
-  embedding module's own forward so ZeRO-3 gathers it there. In training, the vocabulary
-  logits, MLM loss and replacement samples are fused and row-chunked (`model.vocab_loss`).
+  embedding module's own forward so ZeRO-3 gathers it there. What is computed from the
+  logits (MLM loss, replacement samples, argmax) is the vocabulary head's job
+  (`model.vocab_head`: fused and row-chunked, or the plain reference).
 - `RTDHead`: the discriminator's per-token binary classifier,
   LayerNorm(h + h[:, 0]) -> Linear(H, H) -> GELU -> Linear(H, 1).
 
@@ -21,7 +22,7 @@ from torch import nn
 
 from model.backbone import WordEmbedding, init_weights
 from model.config import DebertaV3Config
-from model.vocab_loss import VocabTargets, fused_vocab_loss
+from model.vocab_head import VocabHead, VocabOutput, VocabTargets
 
 
 class PredictionTransform(nn.Module):
@@ -37,32 +38,35 @@ class PredictionTransform(nn.Module):
 
 
 class LMPredictions(nn.Module):
-    """transform -> tied word embedding (transposed) + per-token bias."""
+    """transform -> tied word embedding (transposed) + per-token bias, through `vocab_head`."""
 
-    def __init__(self, cfg: DebertaV3Config):
+    def __init__(self, cfg: DebertaV3Config, vocab_head: VocabHead):
         super().__init__()
         self.transform = PredictionTransform(cfg)
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.vocab_head = vocab_head
 
-    def forward(self, h, word_embeddings: WordEmbedding, request: VocabTargets | None = None):
-        """(N, V) logits; with `request`, the fused (loss_sum, samples, correct) of
-        `model.vocab_loss` instead, without materialising the logits for autograd."""
+    def forward(
+        self, h: torch.Tensor, word_embeddings: WordEmbedding, request: VocabTargets
+    ) -> VocabOutput:
         x = self.transform(h)  # (N, H)
-        if request is None:
-            return word_embeddings(x, transpose=True) + self.bias  # (N, V)
-        return word_embeddings(x, head=partial(fused_vocab_loss, bias=self.bias, request=request))
+        # the weight is read inside the embedding's forward, the bias inside this one (ZeRO-3)
+        head = partial(self.vocab_head, bias=self.bias, request=request)
+        return word_embeddings(x, output_layer=head)
 
 
 class MLMHead(nn.Module):
     """HF's `cls` module; call it on the hidden states of masked positions only."""
 
-    def __init__(self, cfg: DebertaV3Config):
+    def __init__(self, cfg: DebertaV3Config, vocab_head: VocabHead):
         super().__init__()
-        self.predictions = LMPredictions(cfg)
+        self.predictions = LMPredictions(cfg, vocab_head)
         self.apply(lambda m: init_weights(m, cfg.initializer_range))
 
-    def forward(self, h, word_embeddings: WordEmbedding, request: VocabTargets | None = None):
-        return self.predictions(h, word_embeddings, request)  # (N, H) -> (N, V) or fused
+    def forward(
+        self, h: torch.Tensor, word_embeddings: WordEmbedding, request: VocabTargets
+    ) -> VocabOutput:
+        return self.predictions(h, word_embeddings, request)  # (N, H) -> loss, samples, ...
 
 
 class RTDHead(nn.Module):

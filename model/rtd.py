@@ -12,8 +12,8 @@ Embedding sharing (`sharing`) and where the tables live:
 - "nes": two independent tables, each in its own backbone.
 The discriminator's token embedding is computed as `E_G_module(ids).detach() + E_delta_module(ids)`
 (lookup is linear), each a call of the module owning the table, so it is correct under ZeRO-3
-where a module's parameters exist only while its forward runs. `hf_state_dicts` writes
-E_D = E_G + E_delta as the exported discriminator embedding.
+where a module's parameters exist only while its forward runs. The export writes
+E_D = E_G + E_delta as the discriminator's embedding (`launcher.hf.mapping`).
 
 Shape legend: B batch, L sequence length, H hidden size, N masked tokens, V vocabulary.
 """
@@ -29,9 +29,17 @@ from torch import nn
 from model.backbone import DebertaV3Backbone
 from model.config import DebertaV3Config
 from model.heads import MLMHead, RTDHead
-from model.vocab_loss import VocabTargets, inverse_cdf_sample
+from model.vocab_head import VocabOutput, VocabTargets, inverse_cdf_sample, make_vocab_head
 
 SHARING_MODES = ("gdes", "es", "nes")
+
+
+def check_rtd_options(sharing: str, mask_prob: float) -> None:
+    """ValueError naming the option (the run config prefixes its section)."""
+    if sharing not in SHARING_MODES:
+        raise ValueError(f"sharing={sharing!r}; choices: {', '.join(SHARING_MODES)}")
+    if not 0.0 < mask_prob < 1.0:
+        raise ValueError(f"mask_prob={mask_prob} must be in (0, 1)")
 
 
 @dataclass(frozen=True)
@@ -80,22 +88,20 @@ class RTDOutput:
 class MaskedLMGenerator(nn.Module):
     """Backbone + tied MLM head; parameter names of HF `DebertaV2ForMaskedLM` (legacy)."""
 
-    def __init__(self, cfg: DebertaV3Config):
+    def __init__(self, cfg: DebertaV3Config, vocab_head: str = "fused"):
         super().__init__()
         self.deberta = DebertaV3Backbone(cfg)
-        self.cls = MLMHead(cfg)
+        self.cls = MLMHead(cfg, make_vocab_head(vocab_head))
 
     def forward(
         self,
         input_ids: torch.Tensor,  # (B, L)
         attention_mask: torch.Tensor,  # (B, L)
         masked: torch.Tensor,  # (B, L) bool
-        request: VocabTargets | None = None,
-    ):
-        """Vocabulary logits at masked positions only (N, V), in row-major order of `masked`:
-        the full-vocabulary head over every token would be most of the step's FLOPs. With
-        `request`: (MLM loss summed over the rows, sampled replacements (N,), number of rows
-        whose argmax is the target) from the fused, row-chunked head (`model.vocab_loss`)."""
+        request: VocabTargets,  # N = masked.sum() rows, in row-major order of `masked`
+    ) -> VocabOutput:
+        """MLM loss, samples and argmax hits at the masked positions only: the vocabulary head
+        over every token would be most of the step's FLOPs."""
         h = self.deberta(input_ids, attention_mask)  # (B, L, H)
         return self.cls(h[masked], self.deberta.embeddings.word_embeddings, request)
 
@@ -110,12 +116,10 @@ class RTDModel(nn.Module):
         sharing: str = "gdes",
         mask_prob: float = 0.15,
         rtd_weight: float = 50.0,
+        vocab_head: str = "fused",  # model.vocab_head: "fused" (training) or "plain" (reference)
     ):
         super().__init__()
-        if sharing not in SHARING_MODES:
-            raise ValueError(
-                f"unknown sharing mode {sharing!r}; choices: {', '.join(SHARING_MODES)}"
-            )
+        check_rtd_options(sharing, mask_prob)
         if special.vocab_size > cfg.vocab_size:
             raise ValueError(
                 f"tokenizer vocab_size {special.vocab_size} > model vocab_size {cfg.vocab_size}"
@@ -124,11 +128,9 @@ class RTDModel(nn.Module):
             raise ValueError(
                 f"special.pad_id {special.pad_id} != cfg.pad_token_id {cfg.pad_token_id}"
             )
-        if not 0.0 < mask_prob < 1.0:
-            raise ValueError(f"mask_prob must be in (0, 1), got {mask_prob}")
         self.config, self.special, self.sharing = cfg, special, sharing
         self.mask_prob, self.rtd_weight = mask_prob, rtd_weight
-        self.generator = MaskedLMGenerator(cfg.generator_config())
+        self.generator = MaskedLMGenerator(cfg.generator_config(), vocab_head)
         self.discriminator = DebertaV3Backbone(cfg, with_word_embeddings=sharing != "es")
         if sharing == "gdes":
             nn.init.zeros_(self.discriminator.embeddings.word_embeddings.weight)  # E_delta = 0
@@ -142,7 +144,7 @@ class RTDModel(nn.Module):
         banned[self.special.vocab_size :] = True
         return banned
 
-    # -- the steps of RTD (DESIGN.md "RTD step") ---------------------------------------
+    # -- the steps of RTD ---------------------------------------------------------------
     def mask_tokens(
         self,
         input_ids: torch.Tensor,
@@ -157,8 +159,8 @@ class RTDModel(nn.Module):
     @torch.no_grad()
     def sample_replacements(self, logits: torch.Tensor, generator: torch.Generator | None):
         """One sample per row from softmax(logits) (temperature 1), banned ids excluded: (N,),
-        by inverse-CDF sampling (`model.vocab_loss.inverse_cdf_sample`). The training step
-        draws the same uniforms and samples chunk by chunk inside the fused head."""
+        by inverse-CDF sampling (`model.vocab_head.inverse_cdf_sample`). The training step
+        draws the same uniforms (`vocab_targets`) and samples inside its vocabulary head."""
         if logits.shape[0] == 0:
             return torch.zeros(0, dtype=torch.long, device=logits.device)
         u = self.replacement_uniforms(logits.shape[0], generator, logits.device)
@@ -168,6 +170,15 @@ class RTDModel(nn.Module):
     def replacement_uniforms(rows: int, generator: torch.Generator | None, device) -> torch.Tensor:
         """(rows, 1) float32 uniforms, one per masked token, for inverse-CDF sampling."""
         return torch.rand((rows, 1), generator=generator, device=device, dtype=torch.float32)
+
+    def vocab_targets(
+        self, input_ids: torch.Tensor, masked: torch.Tensor, generator: torch.Generator | None
+    ) -> VocabTargets:
+        """The originals at the masked positions (N,), the ids never sampled, one uniform per
+        masked token for sampling its replacement."""
+        targets = input_ids[masked]  # (N,)
+        uniforms = self.replacement_uniforms(len(targets), generator, input_ids.device)
+        return VocabTargets(targets, self.banned_ids(input_ids.device), uniforms)
 
     def discriminator_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
         """The discriminator's token embeddings (B, L, H) under the sharing mode."""
@@ -188,31 +199,29 @@ class RTDModel(nn.Module):
         if attention_mask is None:
             attention_mask = input_ids != self.special.pad_id
         attention_mask = attention_mask.bool()
-        # 1. mask
+        # 1. mask: Bernoulli(mask_prob) over real tokens
         masked = self.mask_tokens(input_ids, attention_mask, generator)  # (B, L)
+        request = self.vocab_targets(input_ids, masked, generator)  # N masked tokens
+        # 2. generator: MLM loss at the masked positions, and 3. one replacement per masked
+        # token sampled from its softmax (no gradient through the sample)
         gen_ids = input_ids.masked_fill(masked, self.special.mask_id)
-        # 2. generator MLM loss at masked positions and 3. replacements sampled from its
-        # softmax (no gradient), fused per chunk of rows (the (N, V) logits are never kept)
-        targets = input_ids[masked]  # (N,)
-        request = VocabTargets(
-            targets=targets,
-            banned=self.banned_ids(input_ids.device),
-            uniforms=self.replacement_uniforms(len(targets), generator, input_ids.device),
-        )
-        mlm_sum, samples, gen_correct = self.generator(gen_ids, attention_mask, masked, request)
-        mlm_loss = mlm_sum / max(len(targets), 1)
+        mlm = self.generator(gen_ids, attention_mask, masked, request)
+        mlm_loss = mlm.loss_sum / max(len(request.targets), 1)
         # 4. label: replaced unless the sample equals the original
-        disc_ids = input_ids.masked_scatter(masked, samples)  # (B, L)
+        disc_ids = input_ids.masked_scatter(masked, mlm.samples)  # (B, L)
         replaced = disc_ids != input_ids  # (B, L) bool
-        # 5. discriminator RTD loss over non-pad tokens
+        # 5. discriminator: RTD loss over non-pad tokens, embeddings shared per `sharing`
         h = self.discriminator(
             attention_mask=attention_mask, inputs_embeds=self.discriminator_embeddings(disc_ids)
         )  # (B, L, H)
         rtd_logits = self.rtd_head(h)[attention_mask].float()  # (T,)
         rtd_labels = replaced[attention_mask]  # (T,)
         rtd_loss = F.binary_cross_entropy_with_logits(rtd_logits, rtd_labels.float())
+        # 6. loss = L_MLM + lambda * L_RTD
         loss = mlm_loss + self.rtd_weight * rtd_loss
-        return self._metrics(loss, mlm_loss, rtd_loss, gen_correct, targets, rtd_logits, rtd_labels)
+        return self._metrics(
+            loss, mlm_loss, rtd_loss, mlm.correct, request.targets, rtd_logits, rtd_labels
+        )
 
     @torch.no_grad()
     def _metrics(self, loss, mlm_loss, rtd_loss, gen_correct, targets, rtd_logits, rtd_labels):
@@ -233,33 +242,6 @@ class RTDModel(nn.Module):
             num_tokens=num_tokens.to(loss.device),
             num_replaced=num_replaced,
         )
-
-    # -- export -------------------------------------------------------------------------
-    def hf_state_dicts(
-        self, state_dict: dict[str, torch.Tensor] | None = None
-    ) -> dict[str, dict[str, torch.Tensor]]:
-        """Split a full (consolidated) RTDModel state dict into Hugging Face state dicts:
-        "discriminator" (DebertaV2Model keys, word embedding E_D), "rtd_head" (this
-        package's RTDHead keys) and "generator" (DebertaV2ForMaskedLM legacy keys, with the
-        tied `cls.predictions.decoder.{weight,bias}` spelled out so it loads strictly)."""
-        sd = self.state_dict() if state_dict is None else state_dict
-        parts = {"discriminator": {}, "rtd_head": {}, "generator": {}}
-        for key, value in sd.items():
-            prefix, _, rest = key.partition(".")
-            if prefix not in parts:
-                raise KeyError(f"unexpected key {key!r} in RTDModel state dict")
-            parts[prefix][rest] = value
-        word = "embeddings.word_embeddings.weight"
-        gen = parts["generator"]
-        e_g = gen[f"deberta.{word}"]
-        gen["cls.predictions.decoder.weight"] = e_g
-        gen["cls.predictions.decoder.bias"] = gen["cls.predictions.bias"]
-        disc = parts["discriminator"]
-        if self.sharing == "gdes":
-            disc[word] = e_g + disc[word]  # E_D = E_G + E_delta
-        elif self.sharing == "es":
-            disc[word] = e_g.clone()
-        return parts
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@
 # CMD is a command (looked up on PATH) or a shared library file name (lib*.so*, looked up in
 # ld.so's cache). Defaults: slurmctld/slurmd/slurm-client, a real single-node SLURM that the
 # SLURM launcher test starts itself; pdsh, what `deepspeed --hostfile` uses to reach other
-# nodes; tcmalloc, which training processes preload on the CPU (launcher/allocator.py).
+# nodes; tcmalloc, which training processes preload on the CPU (launcher/train/allocator.py).
 # Needs root (or sudo) and apt.
 set -euo pipefail
 wanted=("$@")

@@ -12,7 +12,7 @@ a subset of the bundled corpus, in about 10 s on one core:
   `AutoTokenizer/DebertaV2Tokenizer.from_pretrained(tokenizer_dir)` (same ids).
 - `shards_dir`: Arrow shards + manifest.json at seq_len 128 (`SHARDS_SEQ_LEN`), 12
   languages, 300-750 rows each in shards of 128 rows; open with
-  `data_pipeline.loader.ShardStream(shards_dir)` or
+  `data_pipeline.stream.ShardStream.open(shards_dir)` or
   `data_pipeline.manifest.load_manifest(shards_dir)`.
 
 They are session-scoped and shared: tests must not modify them (copy first, see

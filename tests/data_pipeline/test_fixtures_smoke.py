@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from data_pipeline.loader import ShardStream
 from data_pipeline.manifest import load_manifest
+from data_pipeline.stream import ShardStream
 from data_pipeline.tokenizer import load_tokenizer_dir
 from tests.conftest import SHARDS_SEQ_LEN, TOKENIZER_VOCAB
 
@@ -16,6 +16,6 @@ def test_fixtures(tokenizer_dir, shards_dir):
     assert m.seq_len == SHARDS_SEQ_LEN and len(m.languages) == 12
     assert m.tokenizer_sha256 == info.sha256
     assert all(n >= 150 for n in m.rows_per_language().values()), m.rows_per_language()
-    batch = next(ShardStream(shards_dir).rank_batches(0, 8, 4, 0, 1))
-    assert batch["input_ids"].shape == (4, SHARDS_SEQ_LEN)
-    assert np.all(batch["input_ids"][:, 0] == 1) and np.all(batch["input_ids"][:, -1] == 2)
+    batch = next(ShardStream.open(shards_dir).rank_batches(0, 8, 4, 0, 1))
+    assert batch.input_ids.shape == (4, SHARDS_SEQ_LEN)
+    assert np.all(batch.input_ids[:, 0] == 1) and np.all(batch.input_ids[:, -1] == 2)

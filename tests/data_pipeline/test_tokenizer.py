@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from data_pipeline.loader import ShardStream
 from data_pipeline.manifest import load_manifest
 from data_pipeline.packing import RowPacker
+from data_pipeline.stream import ShardStream
 from data_pipeline.tokenizer import Encoder, load_tokenizer_dir, normalize_text
 from data_pipeline.train_tokenizer import train_tokenizer
 from tests.conftest import SAMPLE_CORPUS
@@ -161,7 +161,7 @@ def _hf_rows(hf, corpus_file, seq_len):
 def test_written_rows_are_hf_ids(shards_dir, small_corpus_dir, hf_tokenizer):
     """Every row of the fixture shards equals the rows packed from Hugging Face's ids."""
     m = load_manifest(shards_dir)
-    stream = ShardStream(shards_dir)
+    stream = ShardStream.open(shards_dir)
     for lang in m.languages:
         expected = _hf_rows(hf_tokenizer, small_corpus_dir / f"{lang}.txt", m.seq_len)
         written = np.concatenate(
@@ -177,7 +177,7 @@ def test_whole_sample_corpus_matches_hf(tmp_path, tokenizer_dir, hf_tokenizer):
 
     m = build_shards([SAMPLE_CORPUS], tokenizer_dir, tmp_path / "s", seq_len=256, workers=2,
                      progress=False)  # fmt: skip
-    stream = ShardStream(tmp_path / "s")
+    stream = ShardStream.open(tmp_path / "s")
     for lang in m.languages:
         expected = _hf_rows(hf_tokenizer, SAMPLE_CORPUS / f"{lang}.txt.xz", m.seq_len)
         written = np.concatenate(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from tests.conftest import REPO_ROOT, run_env
 PRETRAIN = str(REPO_ROOT / "launcher" / "pretrain.py")
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 RUN_TIMEOUT = 300
+FAULTS_DIR = Path(__file__).resolve().parent / "train" / "faults"
 
 
 def free_port() -> int:
@@ -53,12 +55,20 @@ def command(args: list[str], ranks: int) -> list[str]:
     return [*launcher, PRETRAIN, *args]
 
 
-def run(args: list[str], ranks: int = 1, timeout: float = RUN_TIMEOUT):
+def fault_env(faults: dict[str, str]) -> dict[str, str]:
+    """Environment whose processes load tests/launcher/train/faults/sitecustomize.py, which
+    injects `faults` (RTDSPEED_FAULT_* variables, see that module) into the training code."""
+    env = run_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(FAULTS_DIR), env["PYTHONPATH"]])
+    return env | faults
+
+
+def run(args: list[str], ranks: int = 1, timeout: float = RUN_TIMEOUT, faults=None):
     """Run to completion; returns the CompletedProcess (stdout and stderr merged)."""
     return subprocess.run(
         command(args, ranks),
         cwd=REPO_ROOT,
-        env=run_env(),
+        env=fault_env(faults) if faults else run_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -15,8 +15,10 @@ import torch
 import transformers
 from torch.testing import assert_close
 
+from launcher.hf.mapping import to_hf
 from model import DebertaV3Backbone, RTDModel
 from model.backbone import relative_shift, relative_table_index, relative_window
+from model.vocab_head import VocabTargets
 from tests.model.conftest import SPECIAL, make_batch
 
 
@@ -66,10 +68,20 @@ def test_state_dict_loads_both_ways(cfg):
         assert torch.equal(ours.state_dict()[name], t), name
 
 
+def logits(gen, ids, mask, masked):
+    """The generator's (N, V) logits at `masked`, from the plain vocabulary head."""
+    request = VocabTargets(
+        ids[masked],
+        torch.zeros(gen.cls.predictions.bias.shape, dtype=torch.bool),
+        torch.zeros(int(masked.sum()), 1),
+    )
+    return gen(ids, mask, masked, request).logits
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_generator_logits_match_hf_masked_lm(cfg, seed):
     torch.manual_seed(seed)
-    model = RTDModel(cfg, SPECIAL)
+    model = RTDModel(cfg, SPECIAL, vocab_head="plain")  # the head that returns logits
     gen = model.generator
     with torch.no_grad():  # non-trivial bias so the bias mapping is exercised
         gen.cls.predictions.bias.normal_()
@@ -82,14 +94,14 @@ def test_generator_logits_match_hf_masked_lm(cfg, seed):
 
     with torch.no_grad():
         assert (
-            gen(ids, mask, masked) - ref(ids, attention_mask=mask).logits[masked]
+            logits(gen, ids, mask, masked) - ref(ids, attention_mask=mask).logits[masked]
         ).abs().max() > 1e-2
-    ref.load_state_dict(model.hf_state_dicts()["generator"], strict=True)
+    ref.load_state_dict(to_hf(model.state_dict(), model.sharing)["generator"], strict=True)
     with torch.no_grad():
-        logits = gen(ids, mask, masked)  # (N, V)
+        ours = logits(gen, ids, mask, masked)  # (N, V)
         logits_ref = ref(ids, attention_mask=mask).logits[masked]
-    assert logits.shape == (masked.sum(), cfg.vocab_size)
-    assert_close(logits, logits_ref, atol=1e-5, rtol=1e-5)
+    assert ours.shape == (masked.sum(), cfg.vocab_size)
+    assert_close(ours, logits_ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("sharing", ["gdes", "es", "nes"])
@@ -103,7 +115,7 @@ def test_exported_discriminator_matches_hf(cfg, sharing):
     ref = transformers.DebertaV2Model(hf_config(cfg))
     ids, mask = make_batch(2, 32, pad_from=20)
     keep = mask.bool()
-    parts = model.hf_state_dicts()
+    parts = to_hf(model.state_dict(), model.sharing)
     ref.load_state_dict(parts["discriminator"], strict=True)
     with torch.no_grad():
         ours = model.discriminator(

@@ -46,12 +46,12 @@ def test_samples_never_special_or_padding_vocab(model, monkeypatch):
     with torch.no_grad():  # the same through a whole step
         model.generator.cls.predictions.bias[list(SPECIAL.ids)] = 1e4
         model.generator.cls.predictions.bias[SPECIAL.vocab_size :] = 1e4
-    seen = []  # what the generator's fused head returns: (mlm loss sum, samples, correct)
+    seen = []  # what the generator's vocabulary head returns (VocabOutput)
     forward = model.generator.forward
     monkeypatch.setattr(model.generator, "forward", lambda *a: seen.append(forward(*a)) or seen[-1])
     ids, mask = make_batch(8, 64, pad_from=40)
     out = model(ids, mask, generator=torch.Generator().manual_seed(0))
-    samples = seen[0][1]
+    samples = seen[0].samples
     assert out.num_masked > 0 and samples.numel() == out.num_masked
     assert samples.min() >= 5 and samples.max() < SPECIAL.vocab_size
 

@@ -6,6 +6,7 @@ gdes: E_D = sg(E_G) + E_delta; es: E_D = E_G; nes: independent tables.
 import pytest
 import torch
 
+from launcher.hf.mapping import to_hf
 from model import RTDModel
 from tests.model.conftest import SPECIAL, make_batch
 
@@ -48,7 +49,7 @@ def test_gdes_mlm_loss_never_reaches_delta(cfg):
 def test_gdes_at_init_discriminator_embedding_equals_generator(cfg):
     model = RTDModel(cfg, SPECIAL, sharing="gdes")
     assert torch.count_nonzero(e_disc(model)) == 0  # E_delta = 0
-    exported = model.hf_state_dicts()
+    exported = to_hf(model.state_dict(), model.sharing)
     key = "embeddings.word_embeddings.weight"
     assert torch.equal(exported["discriminator"][key], exported["generator"][f"deberta.{key}"])
     ids, _ = make_batch(2, 16)
@@ -78,12 +79,12 @@ def test_gdes_export_writes_sum(cfg):
     with torch.no_grad():
         e_disc(model).fill_(0.5)
     key = "embeddings.word_embeddings.weight"
-    exported = model.hf_state_dicts()["discriminator"][key]
+    exported = to_hf(model.state_dict(), model.sharing)["discriminator"][key]
     torch.testing.assert_close(exported, e_g(model) + 0.5)
 
 
 def test_bad_sharing_mode_names_value_and_choices(cfg):
-    with pytest.raises(ValueError, match=r"unknown sharing mode 'shared'; choices: gdes, es, nes"):
+    with pytest.raises(ValueError, match=r"sharing='shared'; choices: gdes, es, nes"):
         RTDModel(cfg, SPECIAL, sharing="shared")
 
 
@@ -118,7 +119,18 @@ def test_parameters_are_read_only_inside_their_own_modules_forward(cfg, sharing)
     assert all(p.numel() == 0 for p in model.parameters())  # the mimic was active
 
 
-def test_model_builds_on_meta_device(cfg):
+@pytest.mark.parametrize("sharing", ["gdes", "es"])
+def test_meta_device_model_has_the_real_models_names_and_shapes(cfg, sharing):
+    """The export checks a checkpoint against a model built on the meta device: its keys and
+    shapes must be exactly the real model's, with no parameter holding data."""
+    real = RTDModel(cfg, SPECIAL, sharing=sharing)
     with torch.device("meta"):
-        model = RTDModel(cfg, SPECIAL)
-    assert all(p.is_meta for p in model.parameters())
+        meta = RTDModel(cfg, SPECIAL, sharing=sharing)
+    assert all(p.is_meta for p in meta.parameters())
+    shapes = {k: tuple(v.shape) for k, v in real.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in meta.state_dict().items()} == shapes
+    assert meta.banned_ids(torch.device("cpu")).sum() > len(SPECIAL.ids)  # usable for checks
+    # negative control: the other sharing mode has other keys (es has no E_delta table)
+    with torch.device("meta"):
+        other = RTDModel(cfg, SPECIAL, sharing="es" if sharing == "gdes" else "gdes")
+    assert other.state_dict().keys() != meta.state_dict().keys()

@@ -13,11 +13,11 @@ from data_pipeline.corpus import (
     discover_inputs,
     read_documents,
 )
-from data_pipeline.loader import ShardStream
 from data_pipeline.manifest import load_manifest
 from data_pipeline.packing import RowPacker
+from data_pipeline.stream import ShardStream
 from data_pipeline.tokenizer import Encoder, load_tokenizer_dir
-from launcher.tokenizer_export import write_tokenizer_files
+from launcher.hf.tokenizer import write_tokenizer_files
 from tests.conftest import SAMPLE_CORPUS
 from tests.conftest import TRICKY_STRINGS as TRICKY
 
@@ -68,7 +68,7 @@ def test_fixture_shard_rows_are_exported_tokenizer_ids(exported_tokenizer, shard
                                                        small_corpus_dir):  # fmt: skip
     """Every row the pipeline wrote equals the rows packed from the exported tokenizer's ids."""
     m = load_manifest(shards_dir)
-    stream = ShardStream(shards_dir)
+    stream = ShardStream.open(shards_dir)
     for lang in m.languages:
         docs = paragraphs(small_corpus_dir / f"{lang}.txt")
         ids = exported_tokenizer([p for d in docs for p in d], add_special_tokens=False)

@@ -15,15 +15,18 @@ Global sample i therefore costs O(1) to locate, so resuming at any consumed-samp
 free, and ranks just take their slice of each global batch: the same global batch size with
 any number of ranks yields the same sequence. Shards are memory-mapped on first use, and a
 shard is hashed against the manifest then (once per process; `verify_hashes=False` skips it).
+
+What leaves this module is a `MicroBatch`: the token ids, their languages and global sample
+indices, the optimizer step they belong to, the non-pad tokens per language, and the seed
+for their masking, sampling and dropout (a function of the samples, not of the rank).
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +40,25 @@ from data_pipeline.tokenizer import file_sha256
 DEFAULT_BLOCK_SIZE = 4096
 _BLOCK_STREAM, _ROW_STREAM = 1, 2  # key domains for derive_key
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_LOCATE_CHUNK = 8192  # samples located per numpy pass in iter_micro_batches
+_LOCATE_CHUNK = 8192  # samples located per numpy pass in rank_batches
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """One forward pass worth of samples on one rank."""
+
+    input_ids: np.ndarray  # (m, seq_len) int32
+    lang: np.ndarray  # (m,) int16, indices into the manifest's languages
+    sample_index: np.ndarray  # (m,) int64, positions in the global sample sequence
+    step: int  # the optimizer step these samples are trained in
+    lang_tokens: np.ndarray  # (languages,) int64, non-pad tokens per language
+
+    def seed(self, run_seed: int) -> int:
+        """Seed for the masking, sampling and dropout of this micro batch: a function of its
+        samples and step, not of the rank, so 1 and N ranks (and a resumed run) draw the same
+        random numbers."""
+        first = int(self.sample_index[0])
+        return int(np.random.SeedSequence([run_seed, self.step, first]).generate_state(1)[0])
 
 
 class ShardStream:
@@ -45,13 +66,13 @@ class ShardStream:
 
     def __init__(
         self,
-        shards_dir: str | Path,
+        manifest: Manifest,
         seed: int = 1234,
         alpha: float = 0.3,
         block_size: int = DEFAULT_BLOCK_SIZE,
         verify_hashes: bool = True,
     ):
-        self.manifest: Manifest = load_manifest(shards_dir)
+        self.manifest = manifest
         self.seed, self.alpha, self.block_size = int(seed), float(alpha), int(block_size)
         self.verify_hashes = verify_hashes
         m = self.manifest
@@ -74,6 +95,12 @@ class ShardStream:
         self._row_key = np.uint64(derive_key(self.seed, _ROW_STREAM))
         self._layouts: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._mapped: list[np.ndarray | None] = [None] * len(m.shards)
+        self._pad_id = m.special_ids["pad"]
+
+    @classmethod
+    def open(cls, shards_dir: str | Path, **kwargs) -> ShardStream:
+        """The stream of a shard directory (its manifest loaded and checked)."""
+        return cls(load_manifest(shards_dir), **kwargs)
 
     # ---- the order -------------------------------------------------------------------------
 
@@ -169,82 +196,67 @@ class ShardStream:
         micro_batch_size: int,
         rank: int,
         world_size: int,
-    ) -> Iterator[dict[str, np.ndarray]]:
-        """Infinite iterator over this rank's micro batches.
-
-        Global step s covers samples [start + s*G, start + (s+1)*G); rank r takes the
-        contiguous slice of G/W of them and yields it as G/(W*m) micro batches of m, in order.
-        Items: input_ids int32 (m, seq_len), lang int16 (m,), sample_index int64 (m,).
-        """
-        check_batch_geometry(global_batch_size, micro_batch_size, rank, world_size)
-        if start_sample < 0:
-            raise ValueError(f"start_sample must be >= 0, got {start_sample}")
-        return self.iter_micro_batches(
-            start_sample, global_batch_size, micro_batch_size, rank, world_size
-        )
-
-    def iter_micro_batches(
-        self,
-        start_sample: int,
-        global_batch_size: int,
-        micro_batch_size: int,
-        rank: int,
-        world_size: int,
+        start_step: int = 0,
         first: int = 0,
         stride: int = 1,
-    ) -> Iterator[dict[str, np.ndarray]]:
-        """Items first, first + stride, ... of `rank_batches` (DataLoader workers use a stride).
+    ) -> Iterator[MicroBatch]:
+        """Infinite iterator over this rank's micro batches (ValueError on bad geometry now,
+        not at the first `next`).
 
-        Samples are located for many micro batches at once (numpy work amortized), then
-        gathered one micro batch at a time.
+        Step start_step + s covers samples [start + s*G, start + (s+1)*G); rank r takes the
+        contiguous slice of G/W of them and yields it as G/(W*m) micro batches of m, in order.
+        `first`, `stride`: only items first, first + stride, ... (DataLoader workers).
         """
         per_rank = check_batch_geometry(global_batch_size, micro_batch_size, rank, world_size)
         if start_sample < 0:
             raise ValueError(f"start_sample must be >= 0, got {start_sample}")
-        m = micro_batch_size
+        geometry = (global_batch_size, micro_batch_size, rank * per_rank, per_rank)
+        return self._micro_batches(start_sample, *geometry, start_step, first, stride)
+
+    def _micro_batches(
+        self, start_sample, global_batch_size, m, rank_offset, per_rank, start_step, first, stride
+    ) -> Iterator[MicroBatch]:
+        """Samples are located for many micro batches at once (numpy work amortized), then
+        gathered one micro batch at a time."""
         per_step = per_rank // m
         chunk = max(1, _LOCATE_CHUNK // m)
         offsets = np.arange(m, dtype=np.int64)
         for i in itertools.count(first, stride * chunk):
             mb = i + stride * np.arange(chunk, dtype=np.int64)
             step, j = np.divmod(mb, per_step)
-            begin = start_sample + step * global_batch_size + rank * per_rank + j * m
+            begin = start_sample + step * global_batch_size + rank_offset + j * m
             index = (begin[:, None] + offsets).reshape(-1)
             lang, row = self.locate(index)
             shards, rows = self._shard_rows(lang, row)
             for c in range(chunk):
                 sl = slice(c * m, (c + 1) * m)
-                yield {
-                    "input_ids": self._gather(shards[sl], rows[sl]),
-                    "lang": lang[sl],
-                    "sample_index": index[sl],
-                }
+                ids = self._gather(shards[sl], rows[sl])
+                yield MicroBatch(
+                    input_ids=ids,
+                    lang=lang[sl],
+                    sample_index=index[sl],
+                    step=start_step + int(step[c]),
+                    lang_tokens=self._lang_tokens(ids, lang[sl]),
+                )
 
-    def micro_batch(
-        self,
-        start_sample: int,
-        global_batch_size: int,
-        micro_batch_size: int,
-        rank: int,
-        world_size: int,
-        index: int,
-    ) -> dict[str, np.ndarray]:
-        """The index-th item `rank_batches` would yield with these arguments, in O(1)."""
-        per_rank = check_batch_geometry(global_batch_size, micro_batch_size, rank, world_size)
-        step, j = divmod(int(index), per_rank // micro_batch_size)
-        first = int(start_sample) + step * global_batch_size + rank * per_rank
-        first += j * micro_batch_size
-        sample_index = np.arange(first, first + micro_batch_size, dtype=np.int64)
-        ids, lang = self.sample_ids(sample_index)
-        return {"input_ids": ids, "lang": lang, "sample_index": sample_index}
+    def _lang_tokens(self, ids: np.ndarray, lang: np.ndarray) -> np.ndarray:
+        per_row = (ids != self._pad_id).sum(axis=1)
+        return np.bincount(lang, per_row, len(self.rows)).astype(np.int64)
 
-    def fingerprint(self) -> str:
-        """sha256 naming the whole sample sequence: data (manifest) and order settings."""
-        blob = json.dumps([self.manifest.fingerprint(), self.seed, self.alpha, self.block_size])
-        return hashlib.sha256(blob.encode()).hexdigest()
-
-    def language_weights(self) -> dict[str, float]:
-        return dict(zip(self.manifest.languages, self.q.tolist(), strict=True))
+    def order_identity(self, global_batch_size: int) -> dict:
+        """What fixes the global sample sequence, part by part: a resume compares it with the
+        checkpoint's and names what changed."""
+        m = self.manifest
+        return {
+            "seed": self.seed,
+            "alpha": self.alpha,
+            "block_size": self.block_size,
+            "global_batch_size": global_batch_size,
+            "seq_len": m.seq_len,
+            "tokenizer_sha256": m.tokenizer_sha256,
+            "languages": list(m.languages),
+            "manifest": m.fingerprint(),
+        }
 
 
 def check_batch_geometry(global_batch: int, micro_batch: int, rank: int, world: int) -> int:

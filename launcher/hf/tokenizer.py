@@ -1,13 +1,11 @@
 """Tokenizer files of a Hugging Face export: spm.model, tokenizer.json, tokenizer_config.json,
 special_tokens_map.json.
 
-`tokenizer.json` pins the encoding the data pipeline trained on (`data_pipeline.tokenizer`:
-transformers 5.x's `DebertaV2Tokenizer` rebuilt from spm.model: whitespace-run collapsing,
-NFC, right strip, Metaspace with an always-prepended "▁", Unigram Viterbi without byte
-fallback, one [UNK] per unknown run). transformers 4.x would otherwise convert spm.model with
-sentencepiece's precompiled NFKC map and produce other ids on some inputs; with this file
-every version loads the same tokenizer. `[CLS] A [SEP]` / `[CLS] A [SEP] B [SEP]` templates
-add the special tokens as DeBERTaV3 does.
+`tokenizer.json` pins the encoding the data pipeline trained on
+(`data_pipeline.tokenizer.build_hf_tokenizer`: transformers 5.x's `DebertaV2Tokenizer` rebuilt
+from spm.model). transformers 4.x would otherwise convert spm.model with sentencepiece's
+precompiled NFKC map and produce other ids on some inputs; with this file every version loads
+the same tokenizer.
 """
 
 from __future__ import annotations
@@ -16,7 +14,9 @@ import json
 import shutil
 from pathlib import Path
 
-from data_pipeline.tokenizer import SPECIAL_PIECES, TokenizerInfo
+from tokenizers import Tokenizer
+
+from data_pipeline.tokenizer import SPECIAL_PIECES, TokenizerInfo, build_hf_tokenizer, read_proto
 
 TOKENIZER_FILES = (
     "spm.model",
@@ -37,42 +37,13 @@ _HF_SPECIAL = {
 }
 
 
-def spm_pieces(model_path: str | Path) -> list[tuple[str, float]]:
-    """(piece, score) of every piece of a sentencepiece model, in id order."""
-    from sentencepiece import sentencepiece_model_pb2
-
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(Path(model_path).read_bytes())
-    return [(p.piece, p.score) for p in proto.pieces]
-
-
-def build_tokenizer(tok: TokenizerInfo):
+def build_tokenizer(tok: TokenizerInfo) -> Tokenizer:
     """A `tokenizers.Tokenizer` that encodes exactly like the pipeline's `Encoder`."""
-    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
-    from tokenizers.models import Unigram
-
-    pieces = spm_pieces(tok.model_path)
-    t = Tokenizer(Unigram(pieces, unk_id=tok.special_ids["unk"], byte_fallback=False))
-    t.normalizer = normalizers.Sequence(
-        [
-            normalizers.Replace(Regex(r"\s{2,}|[\n\r\t]"), " "),
-            normalizers.NFC(),
-            normalizers.Strip(left=False, right=True),
-        ]
-    )
-    t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    t.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    # Specials are matched before normalization; [MASK] is appended (id = piece count) when
-    # the spm.model lacks it, as data_pipeline.tokenizer does.
-    t.add_special_tokens([SPECIAL_PIECES[k] for k in ("pad", "cls", "sep", "unk", "mask")])
+    pieces = [(p.piece, p.score) for p in read_proto(tok.model_path).pieces]
+    t = build_hf_tokenizer(pieces, tok.special_ids["unk"])
     got = {k: t.token_to_id(SPECIAL_PIECES[k]) for k in SPECIAL_PIECES}
     if got != tok.special_ids:
         raise ValueError(f"tokenizer.json special ids {got} != the pipeline's {tok.special_ids}")
-    t.post_processor = processors.TemplateProcessing(
-        single="[CLS]:0 $A:0 [SEP]:0",
-        pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", got["cls"]), ("[SEP]", got["sep"])],
-    )
     return t
 
 

@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import deepspeed
 import torch
 
 from launcher.config import ConfigError, RunConfig, resolve_path
@@ -60,8 +61,9 @@ def load_ds_configs(paths: list[str]) -> dict[str, Any]:
     return merged
 
 
-def build_ds_config(cfg: RunConfig, world_size: int, load_universal: bool = False) -> dict:
-    """The full DeepSpeed config: engine settings from ds_configs + the run config's values."""
+def build_ds_config(cfg: RunConfig, engine_settings: dict[str, Any], world_size: int) -> dict:
+    """The full DeepSpeed config: the merged ds_configs (`load_ds_configs`) + the run config's
+    values; a launcher-owned key that the ds_configs set differently is a ConfigError."""
     t, o = cfg.train, cfg.optim
     owned = {
         "train_batch_size": t.global_batch_size,
@@ -89,17 +91,18 @@ def build_ds_config(cfg: RunConfig, world_size: int, load_universal: bool = Fals
         },
         "gradient_clipping": o.grad_clip,
     }
-    engine = load_ds_configs(cfg.deepspeed.configs)
     for key, value in owned.items():
-        if key in engine and engine[key] != value:
+        if key in engine_settings and engine_settings[key] != value:
             raise ConfigError(
-                f"deepspeed.configs sets {key}={engine[key]!r} but the run config gives "
-                f"{value!r} ({LAUNCHER_KEYS[key]}); set it in the run config only"
+                f"deepspeed.configs sets {key}={engine_settings[key]!r} but the run config "
+                f"gives {value!r} ({LAUNCHER_KEYS[key]}); set it in the run config only"
             )
-    ds = {**engine, **owned}
-    if load_universal:
-        ds.setdefault("checkpoint", {})["load_universal"] = True
-    return ds
+    return {**engine_settings, **owned}
+
+
+def with_universal_load(ds_config: dict) -> dict:
+    """The config for resuming from a universal checkpoint (another number of ranks)."""
+    return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
 
 
 def use_torch_adam(implementation: str) -> bool:
@@ -110,13 +113,9 @@ def use_torch_adam(implementation: str) -> bool:
     return implementation == "torch"
 
 
-def zero_stage(ds_config: dict) -> int:
-    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
-
-
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: weight decay on matrices (linear and embedding weights) only, not on
-    biases and LayerNorm weights (DESIGN.md, pretraining defaults)."""
+    biases and LayerNorm weights (the paper's pretraining setting)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -130,8 +129,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def build_engine(cfg: RunConfig, model: torch.nn.Module, ds_config: dict):
     """deepspeed.initialize with the optimizer and scheduler DeepSpeed builds from the config."""
-    import deepspeed
-
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, cfg.optim.weight_decay),

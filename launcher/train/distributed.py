@@ -25,6 +25,7 @@ import os
 import socket
 from dataclasses import dataclass
 
+import deepspeed
 import torch
 
 
@@ -84,8 +85,6 @@ def set_cpu_threads(env: DistEnv) -> int:
 
 def init(env: DistEnv, port: int = 29500) -> None:
     """Start the process group (also for one process, so the code path is the same)."""
-    import deepspeed
-
     if env.launcher in ("single", "slurm"):
         os.environ.update(
             RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank)

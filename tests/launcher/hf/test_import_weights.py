@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from launcher.export import consolidated_state_dict, load_run, select_checkpoint
-from launcher.hf_init import InitError, init_from_hf
-from launcher.pretrain import build_model
+from launcher.factory import build_model
+from launcher.hf.import_weights import InitError, init_from_hf
+from launcher.runs import consolidated_state_dict, load_run, select_checkpoint
 from model import DebertaV3Config, RTDModel, SpecialTokens
 from tests.conftest import PYTHON, REPO_ROOT, run_env
 
@@ -43,16 +43,16 @@ def test_init_from_export_continues_like_the_checkpoint(sharing, pretrained_run,
     DeepSpeed checkpoint's own weights (optimizer state reset in both). Driven directly on the
     model with torch AdamW: the same function `init_from_hf` the launcher calls before
     building the engine."""
-    from tests.export.test_export import real_batch
+    from tests.launcher.hf.test_export import real_batch
 
     run_dir, out = pretrained_run(0, sharing), exported(0, sharing)
     run = load_run(run_dir)
     _, tag_dir = select_checkpoint(run.run_dir, None)
     tok = run.tokenizer
-    from_ckpt, _ = build_model(run.cfg, tok.vocab_size, tok.special_ids)
+    from_ckpt = build_model(run.cfg.model, run.cfg.run.seed, tok)
     from_ckpt.load_state_dict(consolidated_state_dict(tag_dir), strict=True)
     run.cfg.run.seed += 1  # a different initialization, overwritten by the export
-    from_hf, _ = build_model(run.cfg, tok.vocab_size, tok.special_ids)
+    from_hf = build_model(run.cfg.model, run.cfg.run.seed, tok)
     ckpt_sd = from_ckpt.state_dict()
     assert any(not torch.equal(v, from_hf.state_dict()[k]) for k, v in ckpt_sd.items())
 
@@ -170,7 +170,7 @@ def test_pretrain_init_from_export_loads_every_weight(
     without init.from_dir (negative control) does not."""
     from safetensors.torch import load_file
 
-    from tests.export.conftest import run_pretrain
+    from tests.launcher.conftest import run_pretrain
 
     source = exported(0, "gdes")
     frozen = ("--train.max_steps=1", "--optim.lr=0.0", "--optim.min_lr=0.0")
@@ -182,7 +182,7 @@ def test_pretrain_init_from_export_loads_every_weight(
     want = {p: load_file(source / p / "model.safetensors") for p in ("discriminator", "generator")}
     for name, run in runs.items():
         out = tmp_path / f"export-{name}"
-        cmd = [PYTHON, "-m", "launcher.export", "--run", str(run), "--out", str(out)]
+        cmd = [PYTHON, "-m", "launcher.hf.export", "--run", str(run), "--out", str(out)]
         proc = subprocess.run(cmd, cwd=REPO_ROOT, env=run_env(), capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-2000:]
         for part, ref in want.items():

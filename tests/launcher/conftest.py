@@ -4,21 +4,16 @@ session and shared (tests must not modify them)."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from launcher.hf.export import export
 from tests.conftest import PYTHON, REPO_ROOT, run_env
+from tests.launcher.helpers import free_port
 
 STEPS = 4  # WarmupDecayLR trains steps 1-2 with min_lr = 0; steps 3-4 change the weights
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_pretrain(out_dir: Path, name: str, tokenizer_dir, shards_dir, *overrides: str) -> Path:
@@ -72,9 +67,7 @@ def pretrained_run(tmp_path_factory, tokenizer_dir, shards_dir):
 
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory, pretrained_run):
-    """exported(stage, sharing) -> OUT of `launcher.export` on the newest checkpoint."""
-    from launcher.export import export
-
+    """exported(stage, sharing) -> OUT of `launcher.hf.export` on the newest checkpoint."""
     root = tmp_path_factory.mktemp("exports")
     cache: dict[tuple[int, str], Path] = {}
 

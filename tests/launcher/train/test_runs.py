@@ -276,11 +276,10 @@ def test_nonfinite_steps_are_skipped_then_stop(runs, data, zero):
         runs,
         name,
         train__max_steps=10,
-        train__inject_nonfinite_steps="1,3,4,5",  # 0-based step indices
         train__max_nonfinite_in_a_row=3,
         deepspeed__configs=",".join(f"ds_configs/{z}.json" for z in zero.split(",")),
     )
-    done = run(args, ranks=1)
+    done = run(args, ranks=1, faults={"RTDSPEED_FAULT_NONFINITE_STEPS": "1,3,4,5"})  # 0-based
     assert done.returncode == 3, done.stdout[-4000:]
     assert "step 2: non-finite loss or gradient, step skipped (1 in a row, 1 in total)" in (
         done.stdout
@@ -299,7 +298,7 @@ def test_nonfinite_steps_are_skipped_then_stop(runs, data, zero):
 
 
 def test_killed_rank_fails_fast_and_the_same_command_resumes(runs, data):
-    """A rank dies while writing the step-4 checkpoint (SIGKILL, test hook): the launcher exits
+    """A rank dies while writing the step-4 checkpoint (SIGKILL, injected): the launcher exits
     non-zero in bounded time and step 4 is not complete. The command again (without the hook)
     resumes from step 2; a rank SIGKILLed from outside mid-run ends that run too; the command
     once more resumes from the newest complete checkpoint and finishes."""
@@ -313,7 +312,7 @@ def test_killed_rank_fails_fast_and_the_same_command_resumes(runs, data):
     name, ckpts = "fault", runs / "fault" / "checkpoints"
     args = base_args(*data, runs, name, train__max_steps=8)
     t0 = time.time()
-    crashed = run([*args, "--checkpoint.test_crash_before_marker_step=4"], ranks=2, timeout=240)
+    crashed = run(args, ranks=2, timeout=240, faults={"RTDSPEED_FAULT_KILL_BEFORE_MARKER": "4"})
     assert crashed.returncode != 0 and time.time() - t0 < 200
     assert (ckpts / "step_00000004").is_dir()
     assert not (ckpts / "step_00000004" / "COMPLETE.json").exists()

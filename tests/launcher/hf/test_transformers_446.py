@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from tests.conftest import PYTHON
-from tests.export.test_export import real_batch
-from tests.export.test_tokenizer import TRICKY
+from tests.launcher.hf.test_export import real_batch
+from tests.launcher.hf.test_tokenizer import TRICKY
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,20 +1,19 @@
-"""The generator's vocabulary head, MLM loss and replacement sampling, fused and row-chunked.
+"""The generator's vocabulary head: MLM loss, replacement sampling and argmax from the
+(N, V) logits at the masked positions, behind one interface with two implementations.
 
-An RTD step needs three things from the generator's (N, V) vocabulary logits at the masked
-positions: the cross-entropy against the original tokens, one sample per row from their
-softmax (the replacements the discriminator sees), and the argmax for the accuracy metric.
-Computed the plain way, autograd keeps the logits, their float copy, the log-softmax and the
-banned-masked copy for sampling alive at once: about 1.2 GB at xsmall, 8 x 512 (N = 614,
-V = 128100). Here the rows are processed in chunks of about 32 M logits; each chunk's logits
-are turned at once into its loss terms, samples, argmax and d(loss_sum)/d(logits) =
-softmax - onehot, and only that gradient (N, V, in the matmul dtype) is kept for backward.
-One exp(logit - row max) serves the loss, the gradient and the sampling (banned ids zeroed),
-and one max pass gives the argmax: 10 passes over a chunk instead of 17 (the head's non-GEMM
-time at 8 x 512 bf16: 510 -> 415 ms). The input gradient is computed chunk by chunk in the
-forward, so backward is one GEMM, d_W = d_logits^T x. Same math as the plain path: losses
-and gradients equal up to float summation order, and the same samples from the same
-uniforms except where rounding moves a uniform across a boundary
-(tests/model/test_vocab_loss.py).
+`VocabHead` (chosen when the model is built, `RTDModel(vocab_head=...)`):
+- `PlainVocabHead`, the reference: materialises the logits, `F.cross_entropy`, inverse-CDF
+  sampling, argmax; also returns the logits (parity tests and export checks read them).
+- `FusedVocabHead`, the training default: rows in chunks of about 32 M logits; each chunk's
+  logits become at once its loss terms, samples, argmax and d(loss_sum)/d(logits) =
+  softmax - onehot, and only that gradient is kept for backward. One exp(logit - row max)
+  serves loss, gradient and sampling (banned ids zeroed); the input gradient is computed
+  chunk by chunk in the forward, so backward is one GEMM, d_W = d_logits^T x. (Computed the
+  plain way, autograd keeps the logits, their float copy, the log-softmax and the sampling
+  copy alive at once.) Same math as the plain head: losses and gradients equal up to float
+  summation order, and the same samples from the same uniforms except where rounding moves
+  a uniform across a boundary (tests/model/test_vocab_head.py). Figures:
+  docs/performance.md.
 
 Shape legend: N masked rows, H hidden size, V vocabulary.
 """
@@ -24,23 +23,32 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from model.backbone import matmul_dtype
+from model.precision import matmul_dtype
 
-# logits per chunk: 32 M floats = 128 MB, 262 rows at V = 128100. Smaller chunks make the
-# (rows, H) x (H, V) GEMMs re-read the weight more often: at 65 rows they cost 1.5x (fp32) and
-# 1.3x (bf16) the time of one GEMM over 614 rows; at 262 rows 1.1x. The step's peak RSS at
-# 8 x 512 is the same with either (it is reached later, in the discriminator).
+# logits per chunk: 32 M floats = 128 MB, 262 rows at V = 128100 (smaller chunks re-read the
+# weight more often; docs/performance.md has the measurement)
 CHUNK_ELEMENTS = 1 << 25
 
 
 @dataclass(frozen=True)
 class VocabTargets:
-    """What the fused head needs besides the hidden states and the vocabulary weights."""
+    """What a vocabulary head needs besides the hidden states and the vocabulary weights."""
 
     targets: torch.Tensor  # (N,) long, original token ids
     banned: torch.Tensor  # (V,) bool, ids never sampled
     uniforms: torch.Tensor  # (N, 1) float32 in [0, 1), one per row, for inverse-CDF sampling
+
+
+@dataclass
+class VocabOutput:
+    """What the RTD step takes from the generator's vocabulary head."""
+
+    loss_sum: torch.Tensor  # () cross-entropy summed over the rows, differentiable
+    samples: torch.Tensor  # (N,) long, one replacement per row from softmax(logits)
+    correct: torch.Tensor  # () long, rows whose argmax is the target
+    logits: torch.Tensor | None = None  # (N, V), from the plain head only
 
 
 @torch.no_grad()
@@ -144,17 +152,46 @@ class _FusedVocabLoss(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
-def fused_vocab_loss(
-    x: torch.Tensor,  # (N, H) transformed hidden states of the masked rows
-    weight: torch.Tensor,  # (V, H) the tied word embedding
-    bias: torch.Tensor,  # (V,)
-    request: VocabTargets,
-    chunk_elements: int = CHUNK_ELEMENTS,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sum of the rows' cross-entropy, differentiable; sampled ids (N,); number of rows whose
-    argmax is the target), for logits = x @ weight^T + bias, without keeping the logits."""
-    chunk_rows = max(1, chunk_elements // max(weight.shape[0], 1))
-    with_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias))
-    return _FusedVocabLoss.apply(
-        x, weight, bias, request.targets, request.banned, request.uniforms, chunk_rows, with_grad
-    )
+class FusedVocabHead:
+    """Row-chunked head that never keeps the logits (see the module docstring)."""
+
+    def __init__(self, chunk_elements: int = CHUNK_ELEMENTS):
+        self.chunk_elements = chunk_elements
+
+    def __call__(
+        self,
+        x: torch.Tensor,  # (N, H) transformed hidden states of the masked rows
+        weight: torch.Tensor,  # (V, H) the tied word embedding
+        bias: torch.Tensor,  # (V,)
+        request: VocabTargets,
+    ) -> VocabOutput:
+        chunk_rows = max(1, self.chunk_elements // max(weight.shape[0], 1))
+        with_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias))
+        r = request
+        loss, samples, correct = _FusedVocabLoss.apply(
+            x, weight, bias, r.targets, r.banned, r.uniforms, chunk_rows, with_grad
+        )
+        return VocabOutput(loss, samples, correct)
+
+
+class PlainVocabHead:
+    """The reference: logits, `F.cross_entropy`, `inverse_cdf_sample`, argmax."""
+
+    def __call__(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, request: VocabTargets
+    ) -> VocabOutput:
+        logits = F.linear(x, weight, bias)  # (N, V)
+        loss = F.cross_entropy(logits.float(), request.targets, reduction="sum")
+        samples = inverse_cdf_sample(logits.detach(), request.banned, request.uniforms)
+        correct = (logits.detach().argmax(-1) == request.targets).sum()
+        return VocabOutput(loss, samples, correct, logits)
+
+
+VOCAB_HEADS = {"fused": FusedVocabHead, "plain": PlainVocabHead}
+VocabHead = FusedVocabHead | PlainVocabHead
+
+
+def make_vocab_head(name: str) -> VocabHead:
+    if name not in VOCAB_HEADS:
+        raise ValueError(f"vocab_head={name!r}; choices: {', '.join(VOCAB_HEADS)}")
+    return VOCAB_HEADS[name]()

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from launcher import allocator, distributed
+from launcher.train import allocator, distributed
 from tests.conftest import REPO_ROOT, run_env
 
 LAUNCHER_ENVS = {
@@ -68,7 +68,7 @@ def test_cpu_threads_are_the_ranks_share_of_the_cores(monkeypatch):
 
 
 PRINT_PRELOAD = "print('tcmalloc' in open('/proc/self/maps').read())"  # the library is mapped
-REEXEC = "from launcher.allocator import reexec_with_tcmalloc as r; r(); " + PRINT_PRELOAD
+REEXEC = "from launcher.train.allocator import reexec_with_tcmalloc as r; r(); " + PRINT_PRELOAD
 
 
 @pytest.mark.skipif(allocator.tcmalloc_library() is None, reason="libtcmalloc not installed")

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 import transformers
 from torch.testing import assert_close
 
+from launcher.hf.mapping import to_hf
 from model import RTDModel
-from model.vocab_loss import VocabTargets, fused_vocab_loss, inverse_cdf_sample
+from model.vocab_head import FusedVocabHead, PlainVocabHead, VocabTargets
 from tests.model.conftest import SPECIAL, make_batch
 
 ROWS, HIDDEN, VOCAB = 37, 32, 1024
@@ -32,12 +33,16 @@ def inputs(seed: int = 0):
 
 
 def plain(x, w, b, request):
-    """The unfused reference: materialised logits, F.cross_entropy, sampling on all rows."""
-    logits = F.linear(x, w, b)
-    loss = F.cross_entropy(logits.float(), request.targets, reduction="sum")
-    samples = inverse_cdf_sample(logits.detach(), request.banned, request.uniforms)
-    correct = (logits.argmax(-1) == request.targets).sum()
-    return loss, samples, correct
+    """The reference head: materialised logits, F.cross_entropy, sampling on all rows."""
+    out = PlainVocabHead()(x, w, b, request)
+    assert torch.equal(out.logits, F.linear(x, w, b))
+    return out.loss_sum, out.samples, out.correct
+
+
+def fused_vocab_loss(x, w, b, request, chunk_elements=1 << 25):
+    out = FusedVocabHead(chunk_elements)(x, w, b, request)
+    assert out.logits is None
+    return out.loss_sum, out.samples, out.correct
 
 
 def grads(loss, *tensors):
@@ -103,11 +108,26 @@ def test_rows_whose_mass_is_on_banned_ids_are_sampled_exactly(grad):
     assert_close(loss, ref_loss)
 
 
-def test_without_gradients_keeps_one_chunk_and_gives_the_same_values():
+def test_without_gradients_keeps_one_chunk_and_gives_the_same_values(monkeypatch):
+    """With gradients the head keeps d(loss)/d(logits) for every row; without, it allocates
+    one chunk's worth of logits only (the largest (rows, V) buffer it asks torch for)."""
     x, w, b, request = inputs(2)
+    widths = []  # rows of every (rows, V) buffer the head allocates
+    empty = torch.empty
+
+    def spy(*size, **kwargs):
+        shape = size[0] if len(size) == 1 and isinstance(size[0], tuple | list) else size
+        if len(shape) == 2 and shape[1] == VOCAB:
+            widths.append(shape[0])
+        return empty(*size, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", spy)
     with_grad = fused_vocab_loss(x, w, b, request, chunk_elements=4 * VOCAB)
+    assert max(widths) == ROWS
+    widths.clear()
     with torch.no_grad():
         loss, samples, correct = fused_vocab_loss(x, w, b, request, chunk_elements=4 * VOCAB)
+    assert max(widths) == 4
     assert not loss.requires_grad
     assert_close(loss, with_grad[0].detach())
     assert torch.equal(samples, with_grad[1]) and correct == with_grad[2]
@@ -142,7 +162,7 @@ def test_rtd_mlm_loss_and_gradients_match_hf_masked_lm(cfg):
 
     out = model(ids, mask, generator=torch.Generator().manual_seed(5))
     assert (out.mlm_loss - hf_loss()).abs() > 1e-2  # negative control: independent weights
-    ref.load_state_dict(model.hf_state_dicts()["generator"], strict=True)
+    ref.load_state_dict(to_hf(model.state_dict(), model.sharing)["generator"], strict=True)
     ref_loss = hf_loss()
     assert_close(out.mlm_loss, ref_loss, rtol=1e-5, atol=1e-5)
 
@@ -160,3 +180,26 @@ def test_rtd_mlm_loss_and_gradients_match_hf_masked_lm(cfg):
         assert ((g - p.grad).abs().max() / scale) < 1e-4, name
         compared += 1
     assert compared == len(ours)
+
+
+def test_rtd_step_with_either_head_gives_the_same_losses_and_gradients(cfg):
+    """The heads are interchangeable behind one interface: the same RTD step, the same seed,
+    the same losses, samples (hence labels) and parameter gradients."""
+    ids, mask = make_batch(3, 64, seed=1, pad_from=50)
+    outs, grads_by_head = {}, {}
+    for head in ("fused", "plain"):
+        torch.manual_seed(0)
+        model = RTDModel(cfg, SPECIAL, vocab_head=head)
+        out = model(ids, mask, generator=torch.Generator().manual_seed(3))
+        out.loss.backward()
+        outs[head] = out
+        grads_by_head[head] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    fused, ref = outs["fused"], outs["plain"]
+    assert fused.num_masked > 5 and fused.num_replaced == ref.num_replaced
+    for k in ("loss", "mlm_loss", "rtd_loss", "gen_acc", "disc_acc"):
+        assert_close(getattr(fused, k), getattr(ref, k), rtol=1e-5, atol=1e-6)
+    assert grads_by_head["fused"].keys() == grads_by_head["plain"].keys()
+    for name, g in grads_by_head["plain"].items():
+        assert_close(grads_by_head["fused"][name], g, rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="vocab_head='chunky'; choices: fused, plain"):
+        RTDModel(cfg, SPECIAL, vocab_head="chunky")

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from launcher.analyze import Embeddings, analyze, avg_pairwise_cosine, from_run, main
-from launcher.export import load_run
-from launcher.pretrain import build_model
+from launcher.factory import build_model
+from launcher.hf.mapping import to_hf
+from launcher.runs import load_run
 
 TOP = (50, 200)
 
@@ -28,8 +29,8 @@ def test_avg_pairwise_cosine_matches_the_definition():
 def initial_embeddings(run_dir) -> Embeddings:
     """The run's step-0 weights: the same config and seed build the same initial model."""
     run = load_run(run_dir)
-    model, _ = build_model(run.cfg, run.tokenizer.vocab_size, run.tokenizer.special_ids)
-    parts = model.hf_state_dicts()
+    model = build_model(run.cfg.model, run.cfg.run.seed, run.tokenizer)
+    parts = to_hf(model.state_dict(), model.sharing)
     return Embeddings(
         label=f"{run.run_dir.name}@0",
         sharing=model.sharing,

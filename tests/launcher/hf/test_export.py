@@ -9,9 +9,17 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from data_pipeline.stream import ShardStream
 from launcher.config import RunConfig, to_toml
-from launcher.export import consolidated_state_dict, load_run, main, select_checkpoint
-from launcher.pretrain import build_model
+from launcher.factory import build_model
+from launcher.hf.export import main
+from launcher.runs import (
+    consolidated_state_dict,
+    load_run,
+    select_checkpoint,
+    weights_only_loading,
+)
+from model.vocab_head import PlainVocabHead
 from tests.conftest import PYTHON, REPO_ROOT, run_env
 
 transformers = pytest.importorskip("transformers")
@@ -84,11 +92,11 @@ def test_not_a_run_dir_and_existing_out(tmp_path, capsys, tokenizer_dir, shards_
 # -- acceptance 1: offline loading ---------------------------------------------------------
 @pytest.mark.slow
 def test_cli_export_loads_offline(tmp_path, pretrained_run, monkeypatch):
-    """`python -m launcher.export` on a ZeRO-2 run; every Auto class loads offline with no
+    """`python -m launcher.hf.export` on a ZeRO-2 run; every Auto class loads offline with no
     missing backbone or MLM-head keys."""
     run = pretrained_run(2, "gdes")
     out = tmp_path / "hf"
-    cmd = [PYTHON, "-m", "launcher.export", "--run", str(run), "--out", str(out)]
+    cmd = [PYTHON, "-m", "launcher.hf.export", "--run", str(run), "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=run_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -133,11 +141,9 @@ def test_cli_export_loads_offline(tmp_path, pretrained_run, monkeypatch):
 # -- acceptance 2: parity for ZeRO 0, 2, 3 -------------------------------------------------
 def real_batch(shards_dir, n=4):
     """The first `n` training rows; the last one cut short and padded."""
-    from data_pipeline.loader import ShardStream
-
-    stream = ShardStream(shards_dir)
+    stream = ShardStream.open(shards_dir)
     mb = next(stream.rank_batches(0, global_batch_size=n, micro_batch_size=n, rank=0, world_size=1))
-    ids = torch.from_numpy(mb["input_ids"]).long()
+    ids = torch.from_numpy(mb.input_ids).long()
     ids[-1, 70] = 2  # [SEP]
     ids[-1, 71:] = 0  # [PAD]
     return ids, (ids != 0).long()
@@ -150,7 +156,7 @@ def test_parity_with_project_model(stage, pretrained_run, exported, shards_dir, 
     run_dir, out = pretrained_run(stage, "gdes"), exported(stage, "gdes")
     run = load_run(run_dir)
     step, tag_dir = select_checkpoint(run.run_dir, None)
-    ours, _ = build_model(run.cfg, run.tokenizer.vocab_size, run.tokenizer.special_ids)
+    ours = build_model(run.cfg.model, run.cfg.run.seed, run.tokenizer)
     ours.load_state_dict(consolidated_state_dict(tag_dir), strict=True)
     ours.eval()
     assert step == 4 and ours.discriminator.embeddings.word_embeddings.weight.abs().max() > 0
@@ -179,8 +185,10 @@ def test_parity_with_project_model(stage, pretrained_run, exported, shards_dir, 
     masked = ours.mask_tokens(ids, mask, torch.Generator().manual_seed(0))
     gen_ids = ids.masked_fill(masked, ours.special.mask_id)
     assert masked.sum() > 10
+    ours.generator.cls.predictions.vocab_head = PlainVocabHead()  # the head that gives logits
     with torch.no_grad():
-        logits = ours.generator(gen_ids, mask, masked)  # (N, V)
+        request = ours.vocab_targets(ids, masked, torch.Generator().manual_seed(0))
+        logits = ours.generator(gen_ids, mask, masked, request).logits  # (N, V)
         logits_random = random_gen(gen_ids, attention_mask=mask).logits[masked]
         logits_hf = gen(gen_ids, attention_mask=mask).logits[masked]
     assert (logits - logits_random).abs().max() > 1e-2  # negative control
@@ -200,8 +208,6 @@ class _ByName:
 
 def test_enum_pickled_by_name_loads_and_other_getattr_is_refused(tmp_path):
     from deepspeed.runtime.zero.config import ZeroStageEnum
-
-    from launcher.export import weights_only_loading
 
     good, bad = tmp_path / "good.pt", tmp_path / "bad.pt"
     torch.save({"stage": _ByName(ZeroStageEnum, "gradients")}, good)

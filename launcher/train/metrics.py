@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.utils.tensorboard import SummaryWriter
 
 # Mean over ranks and micro batches (the RTDOutput fields that are rates or losses).
 MEAN_KEYS = (
@@ -70,12 +71,6 @@ def reduce_means(sums: dict[str, float], count: int) -> dict[str, float]:
     return {k: vec[i].item() / n for i, k in enumerate(MEAN_KEYS)}
 
 
-def reduce_sum_vector(values: list[float]) -> list[float]:
-    vec = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(vec)
-    return vec.tolist()
-
-
 def memory_metrics() -> dict[str, float]:
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # peak RSS, KiB on Linux
     out = {"rss_gb": rss_kb / 2**20}
@@ -95,8 +90,6 @@ class Logger:
         self.t_start = time.time()
         if enabled:
             if tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-
                 self.writer = SummaryWriter(str(self.tb_dir))
             self.jsonl = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
 

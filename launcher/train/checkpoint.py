@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -101,11 +100,8 @@ def plan_resume(ckpt_dir: Path, world_size: int, rank: int) -> ResumePlan | None
     return ResumePlan(universal.name, step, universal=True)
 
 
-def save(
-    engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int, crash_step: int = 0
-) -> None:
-    """Every rank calls this. Returns once the checkpoint is complete (marker written).
-    `crash_step` is a test hook (checkpoint.test_crash_before_marker_step)."""
+def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int) -> None:
+    """Every rank calls this. Returns once the checkpoint is complete (marker written)."""
     tag = tag_for(step)
     rank = dist.get_rank()
     if rank == 0:
@@ -113,8 +109,6 @@ def save(
         shutil.rmtree(ckpt_dir / tag, ignore_errors=True)  # an incomplete earlier attempt
     dist.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
-    if step == crash_step and rank == dist.get_world_size() - 1:
-        os.kill(os.getpid(), signal.SIGKILL)
     dist.barrier()  # every rank has written its files
     if rank == 0:
         marker = {
