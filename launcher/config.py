@@ -342,6 +342,8 @@ def validate(cfg: RunConfig, world_size: int) -> None:
             f"train.global_batch_size={t.global_batch_size} is not divisible by ranks x "
             f"train.micro_batch_size = {world_size} x {t.micro_batch_size} = {per_step}"
         )
+    if o.lr <= 0:
+        raise ConfigError(f"optim.lr={o.lr} must be > 0 (the peak learning rate)")
     if not 0.0 <= o.min_lr <= o.lr:
         raise ConfigError(f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}]")
     if not (0.0 <= o.beta1 < 1.0 and 0.0 <= o.beta2 < 1.0):

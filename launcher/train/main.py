@@ -29,24 +29,42 @@ complete checkpoint.
 Exit codes: 0 done, or stopped by SIGTERM/SIGINT after saving a checkpoint (under the
 `deepspeed` launcher its own launch.py then reports 1 for the signal); 2 invalid config or
 refused resume (nothing started); 3 stopped after `train.max_nonfinite_in_a_row` non-finite
-steps in a row (no checkpoint written for them).
+steps in a row (no checkpoint written for them); 4 a shard's content does not match its
+manifest (found at start, before training; the message names every bad file); 5 another rank
+died or hung (this rank lost contact with it; the launcher's own line names the rank that
+exited and its signal, `return code = -9` for SIGKILL); the same command resumes from the
+last complete checkpoint. Tracebacks of such failures go to RUN/logs/rank<R>.log.
 """
 
 from __future__ import annotations
 
 import signal
 import sys
+import time
+import traceback
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from data_pipeline.integrity import check_shard_hashes
+from data_pipeline.manifest import Manifest
 from data_pipeline.stream import ShardStream
 from launcher.config import ConfigError, options_help, parse_args, resolve_path, to_toml
 from launcher.factory import build_model
 from launcher.hf.import_weights import InitError, init_from_hf
 from launcher.train import allocator, checkpoint, distributed
 from launcher.train.engine import build_engine, with_universal_load, write_ds_config
-from launcher.train.loop import EXIT_CONFIG, EXIT_OK, Run, TrainState, resume, train
+from launcher.train.loop import (
+    EXIT_CONFIG,
+    EXIT_DATA,
+    EXIT_LOST_RANK,
+    EXIT_OK,
+    Run,
+    TrainState,
+    resume,
+    train,
+)
 from launcher.train.metrics import Logger
 from launcher.train.preflight import Preflight, preflight
 from model import rtd_flops_per_sample
@@ -56,6 +74,63 @@ def peak_flops(configured: float) -> float:
     if configured > 0:
         return configured
     return 312e12 if torch.cuda.is_available() else 1e11
+
+
+class DataError(RuntimeError):
+    """Shards that are not what their manifest says (the message names them)."""
+
+
+def check_shard_contents(manifest: Manifest, env: distributed.DistEnv) -> None:
+    """Every shard's sha256 against the manifest, once per node (cached across runs, see
+    `data_pipeline.integrity`), the node's ranks sharing the work; a bad shard anywhere stops
+    every rank here, before the engine is built."""
+    mine = list(range(env.local_rank, len(manifest.shards), env.local_size))
+    bad, _ = check_shard_hashes(manifest, mine)
+    found: list[list[str] | None] = [None] * env.world_size
+    dist.all_gather_object(found, bad)
+    problems = sorted({line for lines in found for line in lines})
+    if problems:
+        raise DataError(
+            f"{len(problems)} shard(s) of {manifest.root} do not match the manifest:\n  "
+            + "\n  ".join(problems)
+            + f"\nRebuild them (data_pipeline.build_shards), or list every problem with "
+            f"`python -m data_pipeline.verify {manifest.root}`."
+        )
+
+
+# what the process-group backends (gloo, NCCL) say when a peer process is gone
+_LOST_PEER = (
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "Connection refused",
+    "Broken pipe",
+    "NCCL communicator was aborted",
+    "remote process exited",
+)
+
+
+def lost_peer(e: RuntimeError) -> bool:
+    return isinstance(e, dist.DistBackendError) or any(s in str(e) for s in _LOST_PEER)
+
+
+def report_lost_peer(e: RuntimeError, run_dir: Path, rank: int) -> None:
+    """One line on the console; the traceback in the rank's log file."""
+    log = run_dir / "logs" / f"rank{rank}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} rank {rank} lost a peer:\n")
+        f.write("".join(traceback.format_exception(e)) + "\n")
+    tags = checkpoint.complete_tags(run_dir / "checkpoints")
+    last = f"step {tags[-1][0]} ({run_dir / 'checkpoints' / tags[-1][1]})" if tags else "none"
+    reason = str(e).split("\n")[0].split("] ", 1)[-1]  # without the backend's source location
+    reason = reason.split(". ")[0][:160]
+    print(
+        f"rtdspeed: rank {rank}: lost contact with another rank, which died or hung ({reason}). "
+        f"Last complete checkpoint: {last}; the same command resumes from it. "
+        f"Traceback: {log}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def install_signal_handlers(run: Run) -> None:
@@ -73,11 +148,15 @@ def setup(pre: Preflight, env: distributed.DistEnv):
     cfg, tok, manifest = pre.cfg, pre.tokenizer, pre.manifest
     distributed.init(env)
     distributed.set_cpu_threads(env)
+    check_shard_contents(manifest, env)
     run_dir = cfg.run_dir
     if env.is_main:
+        for warning in pre.warnings:
+            print(f"rtdspeed: warning: {warning}", flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(to_toml(cfg))
-    stream = ShardStream(manifest, seed=cfg.run.seed, alpha=cfg.data.alpha)
+    # contents checked above: the stream need not hash the shards again
+    stream = ShardStream(manifest, seed=cfg.run.seed, alpha=cfg.data.alpha, verify_hashes=False)
     model = build_model(cfg.model, cfg.run.seed, tok)
     plan = None
     if cfg.checkpoint.resume:
@@ -103,7 +182,9 @@ def setup(pre: Preflight, env: distributed.DistEnv):
             mcfg, mcfg.generator_config(), manifest.seq_len, cfg.model.mask_prob
         ),
         peak_flops=peak_flops(cfg.log.peak_flops_per_rank),
-        logger=Logger(run_dir, env.is_main, cfg.log.tensorboard, cfg.train.max_steps),
+        logger=Logger(
+            run_dir, env.is_main, cfg.log.tensorboard, cfg.train.max_steps, plan.step if plan else 0
+        ),
     )
     state = resume(engine, plan, run) if plan else TrainState()
     install_signal_handlers(run)
@@ -135,6 +216,15 @@ def main(argv: list[str] | None = None) -> int:
     except (checkpoint.ResumeRefused, InitError) as e:
         print(f"rtdspeed: {e}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
+    except DataError as e:
+        if env.is_main:  # every rank knows; one message per job
+            print(f"rtdspeed: data error: {e}", file=sys.stderr, flush=True)
+        return EXIT_DATA
+    except RuntimeError as e:
+        if not lost_peer(e):
+            raise
+        report_lost_peer(e, pre.cfg.run_dir, env.rank)
+        return EXIT_LOST_RANK
     finally:
         if run is not None:
             run.logger.close()

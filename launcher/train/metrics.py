@@ -19,6 +19,7 @@ FLOPs per sample come from `model.rtd_flops_per_sample` (matmuls, forward + back
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -79,19 +80,51 @@ def memory_metrics() -> dict[str, float]:
     return out
 
 
-class Logger:
-    """Rank 0: TensorBoard + console + metrics.jsonl. Other ranks: no-ops."""
+def truncate_jsonl(path: Path, last_step: int) -> int:
+    """Keep the records of steps <= last_step (and drop a line cut by a crash); returns how
+    many records were dropped. Rewritten atomically."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            dropped += 1
+            continue
+        if step <= last_step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, path)
+    return dropped
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, max_steps: int):
+
+class Logger:
+    """Rank 0: TensorBoard + console + metrics.jsonl. Other ranks: no-ops.
+
+    A run that continues from step `start_step` (a resume, or a fresh start over a run that
+    crashed before its first checkpoint) drops what an earlier attempt logged after that
+    step: metrics.jsonl is cut back, and TensorBoard purges the steps from `start_step + 1` on
+    (`purge_step`), so every step appears once in both."""
+
+    def __init__(
+        self, run_dir: Path, enabled: bool, tensorboard: bool, max_steps: int, start_step: int = 0
+    ):
         self.enabled, self.max_steps = enabled, max_steps
         self.writer = None
         self.jsonl = None
         self.tb_dir = run_dir / "tensorboard"
         self.t_start = time.time()
         if enabled:
+            path = run_dir / "metrics.jsonl"
+            truncate_jsonl(path, start_step)
             if tensorboard:
-                self.writer = SummaryWriter(str(self.tb_dir))
-            self.jsonl = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
+                self.writer = SummaryWriter(str(self.tb_dir), purge_step=start_step + 1)
+            self.jsonl = open(path, "a")  # noqa: SIM115 (closed in close())
 
     def log(self, step: int, metrics: dict[str, float], lang_tokens: dict[str, int]) -> None:
         if not self.enabled:

@@ -11,7 +11,7 @@ the field.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from deepspeed.accelerator import get_accelerator
@@ -19,8 +19,11 @@ from deepspeed.accelerator import get_accelerator
 from data_pipeline.manifest import Manifest, load_manifest, tokenizer_mismatch
 from data_pipeline.tokenizer import TokenizerInfo, load_tokenizer_dir
 from launcher.config import ConfigError, RunConfig, resolve_path, validate
+from launcher.factory import model_config
 from launcher.train.engine import build_ds_config, load_ds_configs
 from model import round_vocab
+
+MIN_USEFUL_SEQ_LEN = 32
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ class Preflight:
     tokenizer: TokenizerInfo
     manifest: Manifest
     ds_config: dict  # the full DeepSpeed config (engine settings + run config values)
+    warnings: list[str] = field(default_factory=list)  # printed once, by rank 0
 
 
 def preflight(cfg: RunConfig, world_size: int) -> Preflight:
@@ -44,7 +48,7 @@ def preflight(cfg: RunConfig, world_size: int) -> Preflight:
         if value and not resolve_path(value).is_dir():
             raise ConfigError(f"init.{name}={value!r}: directory not found")
     tok, manifest = load_data(cfg)
-    return Preflight(cfg, world_size, tok, manifest, ds_config)
+    return Preflight(cfg, world_size, tok, manifest, ds_config, data_warnings(cfg, tok, manifest))
 
 
 def _existing(paths: list[str]) -> list[str]:
@@ -90,6 +94,11 @@ def load_data(cfg: RunConfig) -> tuple[TokenizerInfo, Manifest]:
         manifest = load_manifest(d.shards_dir)
     except (OSError, ValueError) as e:
         raise ConfigError(f"data.shards_dir={d.shards_dir!r}: {e}") from None
+    if sum(manifest.rows_per_language().values()) == 0:
+        raise ConfigError(
+            f"data.shards_dir={d.shards_dir!r}: the manifest lists no rows (its inputs were "
+            "empty or filtered out at build time); rebuild it from text"
+        )
     if hashes := tokenizer_mismatch(manifest, tok.sha256):
         raise ConfigError(
             f"data.shards_dir={d.shards_dir!r} was built with a different tokenizer than "
@@ -102,3 +111,23 @@ def load_data(cfg: RunConfig) -> tuple[TokenizerInfo, Manifest]:
             f"{round_vocab(tok.vocab_size)})"
         )
     return tok, manifest
+
+
+def data_warnings(cfg: RunConfig, tok: TokenizerInfo, manifest: Manifest) -> list[str]:
+    """Shard sequence lengths that train, but not as the user likely meant."""
+    seq_len, where = manifest.seq_len, f"data.shards_dir={cfg.data.shards_dir!r}"
+    longest = model_config(cfg.model, tok).max_position_embeddings
+    found = []
+    if seq_len > longest:
+        found.append(
+            f"{where} has seq_len={seq_len} > max_position_embeddings={longest} of "
+            f"model.preset={cfg.model.preset!r}: distances beyond the relative buckets' reach "
+            f"share the farthest bucket, and the export's tokenizer stops at {longest} tokens"
+        )
+    if seq_len < MIN_USEFUL_SEQ_LEN:
+        masked = (seq_len - 2) * cfg.model.mask_prob
+        found.append(
+            f"{where} has seq_len={seq_len}: about {masked:.1f} masked tokens per row at "
+            f"model.mask_prob={cfg.model.mask_prob}; pretraining wants 128 or more"
+        )
+    return found

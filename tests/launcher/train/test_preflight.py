@@ -3,6 +3,7 @@ config the launcher assembles from the ds_configs and the run config."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -19,7 +20,7 @@ from launcher.train.engine import (
     param_groups,
     with_universal_load,
 )
-from launcher.train.preflight import preflight
+from launcher.train.preflight import data_warnings, preflight
 from model import DebertaV3Config, RTDModel, SpecialTokens
 from tests.conftest import REPO_ROOT
 
@@ -88,6 +89,39 @@ def test_shards_of_another_tokenizer_are_refused(tmp_path, shards_dir, tokenizer
     cfg = valid_cfg(other, tokenizer_dir, "--train.micro_batch_size=4")
     with pytest.raises(ConfigError, match="was built with a different tokenizer"):
         preflight(cfg, 1)
+
+
+def test_shards_without_rows_are_refused(tmp_path, shards_dir, tokenizer_dir):
+    empty = tmp_path / "shards"
+    shutil.copytree(shards_dir, empty)
+    manifest = json.loads((empty / "manifest.json").read_text())
+    manifest["shards"] = []
+    (empty / "manifest.json").write_text(json.dumps(manifest))
+    cfg = valid_cfg(empty, tokenizer_dir, "--train.micro_batch_size=4")
+    with pytest.raises(ConfigError, match=r"data.shards_dir=.*: the manifest lists no rows"):
+        preflight(cfg, 1)
+
+
+@pytest.mark.parametrize(
+    ("lr", "message"),
+    [("-0.001", "optim.lr=-0.001 must be > 0"), ("0", "optim.lr=0.0 must be > 0")],
+)
+def test_learning_rate_must_be_positive_and_named(shards_dir, tokenizer_dir, lr, message):
+    cfg = valid_cfg(shards_dir, tokenizer_dir, "--train.micro_batch_size=4", f"--optim.lr={lr}")
+    with pytest.raises(ConfigError) as e:
+        preflight(cfg, 1)
+    assert message in str(e.value) and "min_lr" not in str(e.value)
+
+
+def test_sequence_lengths_that_train_badly_are_warned_with_both_values(shards_dir, tokenizer_dir):
+    pre = preflight(valid_cfg(shards_dir, tokenizer_dir, "--train.micro_batch_size=4"), 1)
+    assert pre.warnings == []  # seq_len 128 on the tiny preset (512 positions)
+    cfg, tok = pre.cfg, pre.tokenizer
+    long = data_warnings(cfg, tok, dataclasses.replace(pre.manifest, seq_len=1024))
+    assert len(long) == 1 and "seq_len=1024 > max_position_embeddings=512" in long[0]
+    assert "model.preset='tiny'" in long[0]
+    short = data_warnings(cfg, tok, dataclasses.replace(pre.manifest, seq_len=8))
+    assert len(short) == 1 and "seq_len=8: about 0.9 masked tokens per row" in short[0]
 
 
 # -- DeepSpeed config ------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import shutil
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.launcher.helpers import base_args, check, losses, metrics, run, weights
 
@@ -316,6 +317,15 @@ def test_killed_rank_fails_fast_and_the_same_command_resumes(runs, data):
     assert crashed.returncode != 0 and time.time() - t0 < 200
     assert (ckpts / "step_00000004").is_dir()
     assert not (ckpts / "step_00000004" / "COMPLETE.json").exists()
+    # one line from the surviving rank, the launcher's line naming the dead one and its signal,
+    # the traceback in the rank's log only
+    lost = [line for line in crashed.stdout.splitlines() if "lost contact" in line]
+    assert len(lost) == 1, crashed.stdout[-4000:]
+    assert lost[0].startswith("rtdspeed: rank 0: lost contact with another rank, which died")
+    assert "Last complete checkpoint: step 2 (" in lost[0] and "same command resumes" in lost[0]
+    assert "'--local_rank=1'" in crashed.stdout and "exits with return code = -9" in crashed.stdout
+    assert "Traceback (most recent call last)" not in crashed.stdout
+    assert "Traceback" in (runs / name / "logs" / "rank0.log").read_text()
 
     proc = start(args, ranks=2)
     deadline = time.time() + 240
@@ -340,7 +350,34 @@ def test_killed_rank_fails_fast_and_the_same_command_resumes(runs, data):
 
     out = check(run(args, ranks=2))
     assert f"resumed from {complete[-1]}: step {int(complete[-1][5:])}" in out
-    assert [m["step"] for m in metrics(runs / name)] == list(range(1, 9))
+    # every step logged once, although steps after the checkpoints were run twice or three times
+    lines = (runs / name / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 9))
+    events = EventAccumulator(str(runs / name / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss/total")] == list(range(1, 9))
+    by_step = {m["step"]: m["loss"] for m in metrics(runs / name)}
+    assert [e.value for e in events.Scalars("loss/total")] == pytest.approx(
+        [by_step[s] for s in range(1, 9)]
+    )
+
+
+def test_corrupt_shard_stops_the_job_before_training_with_one_message(runs, data, tmp_path):
+    shards, tok = data
+    bad = tmp_path / "shards"
+    shutil.copytree(shards, bad)
+    victim = sorted(bad.glob("*.arrow"))[0]
+    content = bytearray(victim.read_bytes())
+    content[len(content) // 2] ^= 0xFF  # same size and footer: only the hash can tell
+    victim.write_bytes(bytes(content))
+    done = run(base_args(bad, tok, runs, "corrupt"), ranks=2)
+    assert done.returncode != 0
+    assert "exits with return code = 4" in done.stdout  # the deepspeed launcher's line
+    errors = [line for line in done.stdout.splitlines() if "rtdspeed: data error" in line]
+    assert errors == ["rtdspeed: data error: 1 shard(s) of " + f"{bad} do not match the manifest:"]
+    assert f"{victim}: content changed since the build" in done.stdout
+    assert "Traceback" not in done.stdout
+    assert not (runs / "corrupt").exists()  # nothing started
 
 
 def test_resume_that_changes_the_data_order_is_refused_unless_forced(runs, data, one_rank):
