@@ -150,6 +150,26 @@ def _section_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _cli_list(where: str, text: str) -> list:
+    """A list value from the command line: a JSON/TOML list (`'["a.json","b.json"]'`) or
+    comma-separated (`a.json,b.json`); the items are then checked like any other value."""
+    if not text.strip().startswith("["):
+        return [v for v in (s.strip() for s in text.split(",")) if v]
+    try:
+        value = json.loads(text)
+    except ValueError:
+        try:
+            value = tomllib.loads(f"value = {text}")["value"]
+        except tomllib.TOMLDecodeError:
+            value = None
+    if not isinstance(value, list):
+        raise ConfigError(
+            f"{where}: cannot read {text!r} as a list; write a JSON/TOML list, "
+            f'--{where}=\'["a.json","b.json"]\', or comma-separated, --{where}=a.json,b.json'
+        )
+    return value
+
+
 def _coerce(where: str, value: Any, typ: Any) -> Any:
     """Check a TOML value (or parse a command-line string) against the field type."""
     from_cli = isinstance(value, str) and typ is not str
@@ -158,7 +178,7 @@ def _coerce(where: str, value: Any, typ: Any) -> Any:
         if origin is list:
             (item,) = typing.get_args(typ)
             if isinstance(value, str):
-                value = [v for v in (s.strip() for s in value.split(",")) if v]
+                value = _cli_list(where, value)
             if not isinstance(value, list):
                 raise TypeError
             return [_coerce(where, v, item) for v in value]
@@ -184,6 +204,8 @@ def _coerce(where: str, value: Any, typ: Any) -> Any:
             if not isinstance(value, str):
                 raise TypeError
             return value
+    except ConfigError:  # a list's own message, or one of its items'
+        raise
     except (TypeError, ValueError):
         name = getattr(typ, "__name__", str(typ))
         raise ConfigError(f"{where}: expected {name}, got {value!r}") from None

@@ -44,6 +44,48 @@ def test_bad_arguments_name_the_key(args, message):
         parse_args(args)
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        '["ds_configs/zero3.json","ds_configs/bf16.json"]',  # JSON (the README's example)
+        "['ds_configs/zero3.json', 'ds_configs/bf16.json']",  # TOML
+        "ds_configs/zero3.json,ds_configs/bf16.json",  # comma-separated
+        " ds_configs/zero3.json , ds_configs/bf16.json ,",
+    ],
+)
+def test_list_values_from_the_command_line(value):
+    for args in ([f"--deepspeed.configs={value}"], ["--deepspeed.configs", value]):
+        cfg = parse_args(args)
+        assert cfg.deepspeed.configs == ["ds_configs/zero3.json", "ds_configs/bf16.json"]
+
+
+def test_a_one_item_list_and_an_empty_one():
+    assert parse_args(['--deepspeed.configs=["a.json"]']).deepspeed.configs == ["a.json"]
+    assert parse_args(["--deepspeed.configs=a.json"]).deepspeed.configs == ["a.json"]
+    assert parse_args(["--deepspeed.configs=[]"]).deepspeed.configs == []
+
+
+@pytest.mark.parametrize(
+    ("value", "got"),
+    [
+        ('["ds_configs/zero3.json","ds_configs/bf16.json"', "cannot read"),  # unclosed
+        ('["a.json" "b.json"]', "cannot read"),  # no comma
+        ("[ds_configs/zero3.json]", "cannot read"),  # unquoted items
+        ("[1, 2]", "expected str, got 1"),
+    ],
+)
+def test_a_malformed_list_names_the_field_and_both_forms(value, got):
+    with pytest.raises(ConfigError) as e:
+        parse_args([f"--deepspeed.configs={value}"])
+    message = str(e.value)
+    assert message.startswith("deepspeed.configs: "), message
+    assert got in message
+    if got == "cannot read":
+        assert repr(value) in message
+        assert """--deepspeed.configs='["a.json","b.json"]'""" in message
+        assert "--deepspeed.configs=a.json,b.json" in message
+
+
 def test_unknown_key_in_file(tmp_path):
     f = write(tmp_path / "r.toml", "[optim]\nlearning_rate = 1e-4\n")
     with pytest.raises(ConfigError, match=r"unknown key optim.learning_rate"):
