@@ -107,6 +107,16 @@ class LogSection:
 
 
 @dataclass
+class EvalSection:
+    # Held-out evaluation on the shards' validation split (SHARDS/valid/) every this many
+    # steps, and before the first and after the last step; 0: off (the recipes turn it on).
+    every_steps: int = 0
+    max_samples_per_language: int = 64  # validation rows evaluated per language
+    batch_size: int = 8  # rows per evaluation forward pass
+    mask_seed: int = 0  # fixes the masking and sampling of the eval set
+
+
+@dataclass
 class DeepSpeedSection:
     # Engine settings merged left to right (a key set twice with different values is an
     # error), relative to the repository root unless absolute.
@@ -131,6 +141,7 @@ class RunConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
+    eval: EvalSection = field(default_factory=EvalSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     init: InitSection = field(default_factory=InitSection)
 
@@ -377,5 +388,13 @@ def validate(cfg: RunConfig, world_size: int) -> None:
             f"optim.implementation={o.implementation!r}; choices: "
             f"{', '.join(OPTIM_IMPLEMENTATIONS)}"
         )
+    e = cfg.eval
+    if e.every_steps < 0:
+        raise ConfigError(
+            f"eval.every_steps={e.every_steps} must be a positive integer, or 0 (off)"
+        )
+    for name in ("max_samples_per_language", "batch_size"):
+        if getattr(e, name) <= 0:
+            raise ConfigError(f"eval.{name}={getattr(e, name)} must be > 0")
     if not 0.0 < cfg.data.alpha <= 1.0:
         raise ConfigError(f"data.alpha={cfg.data.alpha} must be in (0, 1]")

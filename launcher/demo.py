@@ -134,10 +134,31 @@ def summarize(run_dir: Path, seconds: float, window: int = 3) -> bool:
         f"\nlearned visibly: {verdict} (losses down, generator accuracy up, discriminator "
         "above the always-original baseline)"
     )
-    print(f"run directory:  {run_dir}  (config.toml, ds_config.json, metrics.jsonl)")
+    summarize_eval(run_dir)
+    print(f"run directory:  {run_dir}  (config.toml, ds_config.json, metrics.jsonl, eval.jsonl)")
     print(f"checkpoints:    {run_dir / 'checkpoints'}")
     print(f"TensorBoard:    tensorboard --logdir {run_dir / 'tensorboard'}")
     return learned
+
+
+def summarize_eval(run_dir: Path, languages: int = 2) -> None:
+    """The held-out figures of the first and the last evaluation: overall and for the
+    `languages` languages with the most tokens."""
+    path = run_dir / "eval.jsonl"
+    if not path.is_file():
+        return
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    first, last = records[0], records[-1]
+    m0, m1 = first["metrics"], last["metrics"]
+    big = sorted((k for k in m1 if k != "all"), key=lambda k: -m1[k]["tokens"])[:languages]
+    print(f"\nheld-out (validation split), step {first['step']} -> step {last['step']}:")
+    keys = ("mlm_loss", "mlm_acc", "disc_loss", "disc_acc", "disc_auc", "prior_loss")
+    print(f"{'':10}" + "".join(f"{k:>20}" for k in keys))
+    for lang in ("all", *big):
+        cells = "".join(f"{m0[lang][k]:>9.4f} -> {m1[lang][k]:<7.4f}" for k in keys)
+        print(f"{lang:10}{cells}")
+    spent = sum(r["seconds"] for r in records)
+    print(f"evaluation: {len(records)} passes, {spent:.1f} s in all")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,6 +85,17 @@ class RTDOutput:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+@dataclass
+class RTDTokens:
+    """Per-token results of steps 1-5 of one RTD pass (what evaluation aggregates)."""
+
+    masked: torch.Tensor  # (B, L) bool, the positions the generator filled in
+    targets: torch.Tensor  # (N,) the original ids there
+    mlm: VocabOutput  # per masked token: loss, argmax hit, sampled replacement
+    replaced: torch.Tensor  # (B, L) bool, the discriminator's labels
+    rtd_logits: torch.Tensor  # (B, L), > 0 = predicted replaced
+
+
 class MaskedLMGenerator(nn.Module):
     """Backbone + tied MLM head; parameter names of HF `DebertaV2ForMaskedLM` (legacy)."""
 
@@ -190,6 +201,29 @@ class RTDModel(nn.Module):
             return e_g(ids).detach() + own  # sg(E_G) + E_delta
         return own
 
+    def replaced_token_detection(
+        self,
+        input_ids: torch.Tensor,  # (B, L)
+        attention_mask: torch.Tensor,  # (B, L) bool
+        generator: torch.Generator | None,
+    ) -> RTDTokens:
+        """Steps 1-5 of RTD, per token (the losses are `forward`'s)."""
+        # 1. mask: Bernoulli(mask_prob) over real tokens
+        masked = self.mask_tokens(input_ids, attention_mask, generator)  # (B, L)
+        request = self.vocab_targets(input_ids, masked, generator)  # N masked tokens
+        # 2. generator: MLM loss at the masked positions, and 3. one replacement per masked
+        # token sampled from its softmax (no gradient through the sample)
+        gen_ids = input_ids.masked_fill(masked, self.special.mask_id)
+        mlm = self.generator(gen_ids, attention_mask, masked, request)
+        # 4. label: replaced unless the sample equals the original
+        disc_ids = input_ids.masked_scatter(masked, mlm.samples)  # (B, L)
+        replaced = disc_ids != input_ids  # (B, L) bool
+        # 5. discriminator: one logit per token, embeddings shared per `sharing`
+        h = self.discriminator(
+            attention_mask=attention_mask, inputs_embeds=self.discriminator_embeddings(disc_ids)
+        )  # (B, L, H)
+        return RTDTokens(masked, request.targets, mlm, replaced, self.rtd_head(h))
+
     def forward(
         self,
         input_ids: torch.Tensor,  # (B, L)
@@ -199,28 +233,15 @@ class RTDModel(nn.Module):
         if attention_mask is None:
             attention_mask = input_ids != self.special.pad_id
         attention_mask = attention_mask.bool()
-        # 1. mask: Bernoulli(mask_prob) over real tokens
-        masked = self.mask_tokens(input_ids, attention_mask, generator)  # (B, L)
-        request = self.vocab_targets(input_ids, masked, generator)  # N masked tokens
-        # 2. generator: MLM loss at the masked positions, and 3. one replacement per masked
-        # token sampled from its softmax (no gradient through the sample)
-        gen_ids = input_ids.masked_fill(masked, self.special.mask_id)
-        mlm = self.generator(gen_ids, attention_mask, masked, request)
-        mlm_loss = mlm.loss_sum / max(len(request.targets), 1)
-        # 4. label: replaced unless the sample equals the original
-        disc_ids = input_ids.masked_scatter(masked, mlm.samples)  # (B, L)
-        replaced = disc_ids != input_ids  # (B, L) bool
-        # 5. discriminator: RTD loss over non-pad tokens, embeddings shared per `sharing`
-        h = self.discriminator(
-            attention_mask=attention_mask, inputs_embeds=self.discriminator_embeddings(disc_ids)
-        )  # (B, L, H)
-        rtd_logits = self.rtd_head(h)[attention_mask].float()  # (T,)
-        rtd_labels = replaced[attention_mask]  # (T,)
+        t = self.replaced_token_detection(input_ids, attention_mask, generator)
+        # 6. loss = L_MLM (mean over masked tokens) + lambda * L_RTD (mean over real tokens)
+        mlm_loss = t.mlm.loss_sum / max(len(t.targets), 1)
+        rtd_logits = t.rtd_logits[attention_mask].float()  # (T,)
+        rtd_labels = t.replaced[attention_mask]  # (T,)
         rtd_loss = F.binary_cross_entropy_with_logits(rtd_logits, rtd_labels.float())
-        # 6. loss = L_MLM + lambda * L_RTD
         loss = mlm_loss + self.rtd_weight * rtd_loss
         return self._metrics(
-            loss, mlm_loss, rtd_loss, mlm.correct, request.targets, rtd_logits, rtd_labels
+            loss, mlm_loss, rtd_loss, t.mlm.correct, t.targets, rtd_logits, rtd_labels
         )
 
     @torch.no_grad()

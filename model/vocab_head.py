@@ -48,6 +48,8 @@ class VocabOutput:
     loss_sum: torch.Tensor  # () cross-entropy summed over the rows, differentiable
     samples: torch.Tensor  # (N,) long, one replacement per row from softmax(logits)
     correct: torch.Tensor  # () long, rows whose argmax is the target
+    row_loss: torch.Tensor  # (N,) each row's cross-entropy, no gradient (evaluation)
+    row_hit: torch.Tensor  # (N,) bool, argmax == target
     logits: torch.Tensor | None = None  # (N, V), from the plain head only
 
 
@@ -95,6 +97,8 @@ class _FusedVocabLoss(torch.autograd.Function):
             loss = torch.zeros((), dtype=acc, device=x.device)
             samples = torch.empty(rows, dtype=torch.long, device=x.device)
             correct = torch.zeros((), dtype=torch.long, device=x.device)
+            row_loss = torch.empty(rows, dtype=acc, device=x.device)
+            row_hit = torch.empty(rows, dtype=torch.bool, device=x.device)
             for start in range(0, rows, chunk_rows):
                 end = min(start + chunk_rows, rows)
                 part, n = slice(start, end), end - start
@@ -104,11 +108,15 @@ class _FusedVocabLoss(torch.autograd.Function):
                 logits = torch.addmm(b_c, x_c[part], w_c.t(), out=out).to(acc)  # (n, V)
                 tgt = targets[part, None]  # (n, 1)
                 top, argmax = logits.max(-1, keepdim=True)  # (n, 1)
-                correct += (argmax == tgt).sum()
+                hit = argmax == tgt  # (n, 1)
+                correct += hit.sum()
+                row_hit[part] = hit.squeeze(-1)
                 at_target = logits.gather(-1, tgt)  # (n, 1)
                 exp = logits.sub_(top).exp_()  # exp(logit - max), in place
                 total = exp.sum(-1, keepdim=True)  # (n, 1)
-                loss += (top + total.log() - at_target).sum()  # logsumexp - logit[target]
+                terms = top + total.log() - at_target  # (n, 1) logsumexp - logit[target]
+                loss += terms.sum()
+                row_loss[part] = terms.squeeze(-1)
                 if with_grad:
                     # d(loss_sum)/d(logits) = softmax - onehot
                     inv = total.reciprocal()
@@ -133,11 +141,11 @@ class _FusedVocabLoss(torch.autograd.Function):
                     samples[start + low] = inverse_cdf_sample(again, banned, uniforms[part][low])
         ctx.save_for_backward(d_logits, x_c, d_x, d_bias)
         ctx.dtypes = (x.dtype, weight.dtype, bias.dtype)
-        ctx.mark_non_differentiable(samples, correct)
-        return loss, samples, correct
+        ctx.mark_non_differentiable(samples, correct, row_loss, row_hit)
+        return loss, samples, correct, row_loss, row_hit
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_samples, _grad_correct):
+    def backward(ctx, grad_loss, *_not_differentiable):
         d_logits, x_c, d_x, d_bias = ctx.saved_tensors
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         grad_x = grad_w = grad_b = None
@@ -168,10 +176,10 @@ class FusedVocabHead:
         chunk_rows = max(1, self.chunk_elements // max(weight.shape[0], 1))
         with_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias))
         r = request
-        loss, samples, correct = _FusedVocabLoss.apply(
+        loss, samples, correct, row_loss, row_hit = _FusedVocabLoss.apply(
             x, weight, bias, r.targets, r.banned, r.uniforms, chunk_rows, with_grad
         )
-        return VocabOutput(loss, samples, correct)
+        return VocabOutput(loss, samples, correct, row_loss, row_hit)
 
 
 class PlainVocabHead:
@@ -181,10 +189,10 @@ class PlainVocabHead:
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, request: VocabTargets
     ) -> VocabOutput:
         logits = F.linear(x, weight, bias)  # (N, V)
-        loss = F.cross_entropy(logits.float(), request.targets, reduction="sum")
+        row_loss = F.cross_entropy(logits.float(), request.targets, reduction="none")
         samples = inverse_cdf_sample(logits.detach(), request.banned, request.uniforms)
-        correct = (logits.detach().argmax(-1) == request.targets).sum()
-        return VocabOutput(loss, samples, correct, logits)
+        hits = logits.detach().argmax(-1) == request.targets
+        return VocabOutput(row_loss.sum(), samples, hits.sum(), row_loss.detach(), hits, logits)
 
 
 VOCAB_HEADS = {"fused": FusedVocabHead, "plain": PlainVocabHead}

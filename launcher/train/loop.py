@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from data_pipeline.stream import MicroBatch, ShardStream
 from launcher.config import RunConfig, to_toml
+from launcher.evaluate import EvalSet, evaluate
 from launcher.train import checkpoint
 from launcher.train.distributed import DistEnv
 from launcher.train.metrics import MEAN_KEYS, Logger, memory_metrics, reduce_means
@@ -48,6 +49,7 @@ class Run:
     flops_per_sample: float
     peak_flops: float
     logger: Logger
+    eval_data: EvalSet | None = None  # the validation rows, when evaluation is on
     stop_requested: bool = False  # set by SIGTERM/SIGINT
 
 
@@ -200,6 +202,13 @@ def client_state(state: TrainState, run: Run) -> dict:
     }
 
 
+def run_evaluation(engine, state: TrainState, run: Run) -> None:
+    """Held-out figures at this step (every rank; rank 0 logs them under eval/)."""
+    t0 = time.time()
+    results = evaluate(engine.module, run.eval_data, run.cfg.eval.mask_seed)
+    run.logger.log_eval(state.step, results, time.time() - t0)
+
+
 def save_checkpoint(engine, state: TrainState, run: Run) -> None:
     ckpt_dir = run.cfg.run_dir / "checkpoints"
     cs = client_state(state, run)
@@ -242,6 +251,9 @@ def train(engine, stream: ShardStream, state: TrainState, run: Run) -> int:
         start_step=state.step,
     )
     first_step, saved_step = state.step, state.step
+    every_eval = cfg.eval.every_steps if run.eval_data is not None else 0
+    if every_eval and state.step == 0:
+        run_evaluation(engine, state, run)  # the figures before any training
     window = LogWindow()
     t0 = time.time()
     while state.step < cfg.train.max_steps:
@@ -267,6 +279,9 @@ def train(engine, stream: ShardStream, state: TrainState, run: Run) -> int:
             run.logger.log(state.step, metrics, state.lang_tokens)
             run.logger.console(state.step, metrics, state.step - first_step)
             t0, window = t1, LogWindow()
+        if every_eval and (state.step % every_eval == 0 or state.step == cfg.train.max_steps):
+            run_evaluation(engine, state, run)
+            t0 = time.time()  # the next window's step times without the evaluation
         if state.step % cfg.checkpoint.every_steps == 0 or result.stop:
             save_checkpoint(engine, state, run)
             saved_step = state.step

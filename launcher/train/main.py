@@ -51,6 +51,7 @@ from data_pipeline.integrity import check_shard_hashes
 from data_pipeline.manifest import Manifest
 from data_pipeline.stream import ShardStream
 from launcher.config import ConfigError, options_help, parse_args, resolve_path, to_toml
+from launcher.evaluate import eval_set
 from launcher.factory import build_model
 from launcher.hf.import_weights import InitError, init_from_hf
 from launcher.train import allocator, checkpoint, distributed
@@ -186,6 +187,8 @@ def setup(pre: Preflight, env: distributed.DistEnv):
             run_dir, env.is_main, cfg.log.tensorboard, cfg.train.max_steps, plan.step if plan else 0
         ),
     )
+    if pre.valid_manifest is not None:
+        run.eval_data = eval_set(pre.valid_manifest, cfg.eval)
     state = resume(engine, plan, run) if plan else TrainState()
     install_signal_handlers(run)
     return engine, stream, state, run

@@ -10,6 +10,7 @@ micro batches and the steps of a log window; token counts summed). TensorBoard t
     perf/tokens_per_s perf/samples_per_s perf/tflops_per_rank perf/mfu
     memory/rss_gb memory/cuda_max_allocated_gb (CUDA only)
     tokens/total tokens/<lang>
+    eval/<metric> eval/<lang>/<metric> (held-out, `launcher.evaluate.METRICS`; eval.jsonl)
 
 MFU = achieved model FLOP/s per rank / `log.peak_flops_per_rank`; the default peak is
 312e12 on CUDA (A100 bf16 dense) and 1e11 on the CPU (an order of magnitude, not a spec).
@@ -119,9 +120,11 @@ class Logger:
         self.jsonl = None
         self.tb_dir = run_dir / "tensorboard"
         self.t_start = time.time()
+        self.eval_path = run_dir / "eval.jsonl"
         if enabled:
             path = run_dir / "metrics.jsonl"
             truncate_jsonl(path, start_step)
+            truncate_jsonl(self.eval_path, start_step)
             if tensorboard:
                 self.writer = SummaryWriter(str(self.tb_dir), purge_step=start_step + 1)
             self.jsonl = open(path, "a")  # noqa: SIM115 (closed in close())
@@ -139,6 +142,28 @@ class Logger:
             for lang, n in lang_tokens.items():
                 self.writer.add_scalar(f"tokens/{lang}", n, step)
             self.writer.flush()
+
+    def log_eval(self, step: int, results: dict[str, dict[str, float]], seconds: float) -> None:
+        """Held-out figures: eval.jsonl, TensorBoard eval/<metric> and eval/<lang>/<metric>,
+        one console line."""
+        if not self.enabled:
+            return
+        record = {"step": step, "seconds": seconds, "metrics": results}
+        with open(self.eval_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for lang, m in results.items():
+                prefix = "eval" if lang == "all" else f"eval/{lang}"
+                for k, v in m.items():
+                    self.writer.add_scalar(f"{prefix}/{k}", v, step)
+            self.writer.flush()
+        a = results["all"]
+        print(
+            f"eval {step:>6} | mlm {a['mlm_loss']:.4f} acc {a['mlm_acc']:.3f} | disc "
+            f"{a['disc_loss']:.4f} (prior {a['prior_loss']:.4f}) acc {a['disc_acc']:.3f} "
+            f"auc {a['disc_auc']:.3f} | {len(results) - 1} languages, {seconds:.1f} s",
+            flush=True,
+        )
 
     def console(self, step: int, m: dict[str, float], steps_this_run: int) -> None:
         if not self.enabled:

@@ -2,7 +2,8 @@
 
 `preflight(cfg, world_size)` validates the config's values (`launcher.config.validate`), then
 reads what the run will use and checks it belongs together: the tokenizer, the shard
-manifest (built with that tokenizer, with rows to train on), the merged ds_configs (no
+manifest (built with that tokenizer, with rows to train on) and, when evaluation is on, its
+validation split, the merged ds_configs (no
 conflicting keys, a precision this machine's accelerator has), the DeepSpeed config built
 from them and the run config, and the `init.*` directories. It returns what it loaded, so
 the run never reads these files a second time. Every failure is a `ConfigError` that names
@@ -19,6 +20,7 @@ from deepspeed.accelerator import get_accelerator
 from data_pipeline.manifest import Manifest, load_manifest, tokenizer_mismatch
 from data_pipeline.tokenizer import TokenizerInfo, load_tokenizer_dir
 from launcher.config import ConfigError, RunConfig, resolve_path, validate
+from launcher.evaluate import EvalError, load_validation
 from launcher.factory import model_config
 from launcher.train.engine import build_ds_config, load_ds_configs
 from model import round_vocab
@@ -35,6 +37,7 @@ class Preflight:
     tokenizer: TokenizerInfo
     manifest: Manifest
     ds_config: dict  # the full DeepSpeed config (engine settings + run config values)
+    valid_manifest: Manifest | None = None  # the validation split, when evaluation is on
     warnings: list[str] = field(default_factory=list)  # printed once, by rank 0
 
 
@@ -48,7 +51,14 @@ def preflight(cfg: RunConfig, world_size: int) -> Preflight:
         if value and not resolve_path(value).is_dir():
             raise ConfigError(f"init.{name}={value!r}: directory not found")
     tok, manifest = load_data(cfg)
-    return Preflight(cfg, world_size, tok, manifest, ds_config, data_warnings(cfg, tok, manifest))
+    valid = None
+    if cfg.eval.every_steps:
+        try:
+            valid = load_validation(cfg.data.shards_dir, tok.sha256)
+        except (EvalError, OSError, ValueError) as e:
+            raise ConfigError(f"eval.every_steps={cfg.eval.every_steps}: {e}") from None
+    warnings = data_warnings(cfg, tok, manifest)
+    return Preflight(cfg, world_size, tok, manifest, ds_config, valid, warnings)
 
 
 def _existing(paths: list[str]) -> list[str]:

@@ -13,11 +13,13 @@ import math
 import os
 import re
 import shutil
+import subprocess
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from tests.conftest import PYTHON, REPO_ROOT, run_env
 from tests.launcher.helpers import base_args, check, losses, metrics, run, weights
 
 pytestmark = pytest.mark.slow
@@ -360,6 +362,38 @@ def test_killed_rank_fails_fast_and_the_same_command_resumes(runs, data):
     assert [e.value for e in events.Scalars("loss/total")] == pytest.approx(
         [by_step[s] for s in range(1, 9)]
     )
+
+
+def test_evaluation_changes_no_training_and_the_standalone_figures_are_the_loops(
+    runs, data, two_rank, tmp_path
+):
+    """A 2-rank run with held-out evaluation at steps 0, 2 and 4: training losses bit for bit
+    those of the same run without it; every language evaluated; `launcher.evaluate` on the
+    checkpoints (one process) gives the figures the loop logged (two ranks)."""
+    shards, tok = data
+    if not (shards / "valid").is_dir():  # a split of its own, as build_shards writes one
+        copy = tmp_path / "shards"
+        shutil.copytree(shards, copy)
+        shutil.copytree(shards, copy / "valid")
+        shards = copy
+    name = "evaluated"
+    args = base_args(shards, tok, runs, name, eval__every_steps=2)
+    out = check(run([*args, "--eval.max_samples_per_language=8"], ranks=2))
+    assert losses(runs / name) == losses(two_rank[0])
+    records = [json.loads(x) for x in (runs / name / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 2, 4]
+    languages = json.loads((shards / "valid" / "manifest.json").read_text())["languages"]
+    assert set(records[-1]["metrics"]) == {"all", *languages}
+    assert re.search(r"eval      4 \| mlm [\d.]+ acc [\d.]+ \| disc [\d.]+ \(prior", out)
+    for record in records[1:]:
+        report = runs / f"eval_{record['step']}.json"
+        cmd = [PYTHON, "-m", "launcher.evaluate", "--run", str(runs / name)]
+        cmd += ["--step", str(record["step"]), "--json", str(report)]
+        done = subprocess.run(cmd, cwd=REPO_ROOT, env=run_env(), capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        standalone = json.loads(report.read_text())["metrics"]
+        for lang, figures in record["metrics"].items():
+            assert standalone[lang] == pytest.approx(figures, rel=1e-5, nan_ok=True), lang
 
 
 def test_corrupt_shard_stops_the_job_before_training_with_one_message(runs, data, tmp_path):
