@@ -11,6 +11,11 @@ ranks give byte-identical shards. Under mpirun (mpi4py) rank r takes a size-bala
 of the files (machines may differ; the output directory must be a shared filesystem), and
 rank 0 writes the merged manifest once every rank has finished.
 
+Memory does not grow with the input: a document (or a line) longer than `--piece-chars`
+characters is read, encoded and packed piece by piece, continuing in the same rows, so peak
+memory is set by the piece size, the workers and the shard size (`--shard-rows`), never by
+how long a line or document is.
+
 Crash safety: the old manifest.json is removed before any work, shards are published by
 atomic rename, each finished file leaves a `_build/{lang}.json` record, and manifest.json
 is written last. A killed build re-run with the same command resumes: finished languages
@@ -28,6 +33,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,11 +42,13 @@ from tqdm import tqdm
 
 from data_pipeline.corpus import (
     DEFAULT_MAX_PARAGRAPH_CHARS,
+    DEFAULT_PIECE_CHARS,
     CorpusError,
+    DocumentPiece,
     InputFile,
     ReadStats,
     discover_inputs,
-    read_documents,
+    read_document_pieces,
 )
 from data_pipeline.manifest import (
     FORMAT_VERSION,
@@ -53,7 +61,7 @@ from data_pipeline.packing import RowPacker, ShardWriter, shard_glob
 from data_pipeline.tokenizer import Encoder, TokenizerInfo, file_sha256, load_tokenizer_dir
 
 BUILD_DIR = "_build"
-CHUNK_CHARS = 1 << 18  # text per encoder task
+CHUNK_CHARS = 1 << 18  # text per encoder task (whole documents; rows depend on it)
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,7 @@ class BuildSettings:
     seq_len: int
     shard_rows: int
     max_paragraph_chars: int = DEFAULT_MAX_PARAGRAPH_CHARS
+    piece_chars: int = DEFAULT_PIECE_CHARS  # bounds memory only: rows never depend on it
 
     def key(self, inp: InputFile, tok: TokenizerInfo) -> str:
         """Identifies one file's output; a finished file is reused only if this matches."""
@@ -129,20 +138,40 @@ class _InlinePool:
         pass
 
 
-def _chunks(documents, chunk_chars: int):
-    """Encoder tasks of about chunk_chars characters: (joined paragraphs, paragraphs per doc)."""
+@dataclass(frozen=True)
+class _Task:
+    """Paragraphs for one encoder task, "\\n"-joined, and how they split into documents.
+
+    `continues`: the first document began in the previous task; `open_end`: the last one
+    goes on in the next task (see `RowPacker.add_flat`).
+    """
+
+    text: str
+    paragraphs_per_doc: list[int]
+    continues: bool
+    open_end: bool
+
+
+def _tasks(pieces: Iterable[DocumentPiece], chunk_chars: int) -> Iterator[_Task]:
+    """Whole documents until about chunk_chars characters, as the packer groups them; a
+    document longer than a piece also ends a task after each of its pieces but the last,
+    which does not change the rows (the packer's open/continued calls) but bounds memory."""
     paragraphs: list[str] = []
     counts: list[int] = []
-    chars = 0
-    for doc in documents:
-        paragraphs.extend(doc)  # paragraphs never contain "\n": they are lines
-        counts.append(len(doc))
-        chars += sum(map(len, doc))
-        if chars >= chunk_chars:
-            yield "\n".join(paragraphs), counts
-            paragraphs, counts, chars = [], [], 0
+    chars = 0  # since the last task that ended with a document
+    continues = False
+    for piece in pieces:
+        paragraphs.extend(piece.paragraphs)  # paragraphs never contain "\n": they are lines
+        counts.append(len(piece.paragraphs))
+        chars += sum(map(len, piece.paragraphs))
+        if piece.ends_document and chars < chunk_chars:
+            continue
+        yield _Task("\n".join(paragraphs), counts, continues, not piece.ends_document)
+        paragraphs, counts = [], []
+        continues = not piece.ends_document
+        chars = 0 if piece.ends_document else chars
     if counts:
-        yield "\n".join(paragraphs), counts
+        yield _Task("\n".join(paragraphs), counts, continues, False)
 
 
 # ---- one input file -----------------------------------------------------------------------
@@ -192,23 +221,26 @@ def build_file(inp, settings, tok, out_dir, pool, in_flight, bar) -> dict:
     stats = ReadStats()
     packer = RowPacker(settings.seq_len, tok.special_ids["cls"], tok.special_ids["sep"])
     writer = ShardWriter(out_dir, inp.language, settings.shard_rows)
-    tokens = unk = empty_after_encoding = 0
+    tokens = unk = 0
     pending: collections.deque = collections.deque()
 
     def drain(limit: int) -> None:
-        nonlocal tokens, unk, empty_after_encoding
+        nonlocal tokens, unk
         while len(pending) > limit:
-            flat, doc_lens, n_unk = pending.popleft().get()
-            writer.add(packer.add_flat(flat, doc_lens))
+            continues, open_end, result = pending.popleft()
+            flat, doc_lens, n_unk = result.get()
+            writer.add(packer.add_flat(flat, doc_lens, continues, open_end))
             tokens += len(flat)
             unk += n_unk
-            empty_after_encoding += int(np.count_nonzero(doc_lens == 0))
             bar.update(len(flat))
 
     try:
-        docs = read_documents(inp, stats, settings.max_paragraph_chars)
-        for chunk in _chunks(docs, CHUNK_CHARS):
-            pending.append(pool.apply_async(_encode_docs, chunk))
+        pieces = read_document_pieces(
+            inp, stats, settings.max_paragraph_chars, settings.piece_chars
+        )
+        for task in _tasks(pieces, CHUNK_CHARS):
+            result = pool.apply_async(_encode_docs, (task.text, task.paragraphs_per_doc))
+            pending.append((task.continues, task.open_end, result))
             drain(in_flight)
         drain(0)
         shards = writer.close()
@@ -219,7 +251,7 @@ def build_file(inp, settings, tok, out_dir, pool, in_flight, bar) -> dict:
     lang_stats.update(
         tokens=tokens,
         unk_tokens=unk,
-        empty_documents=stats.empty_documents + empty_after_encoding,
+        empty_documents=stats.empty_documents + packer.empty_documents,
         rows=sum(s.rows for s in shards),
         shards=len(shards),
         dropped_tail_tokens=packer.tail_tokens,
@@ -293,6 +325,7 @@ def build_shards(
     workers: int = 1,
     shard_rows: int | None = None,
     max_paragraph_chars: int = DEFAULT_MAX_PARAGRAPH_CHARS,
+    piece_chars: int = DEFAULT_PIECE_CHARS,
     progress: bool = True,
     comm=None,
 ) -> Manifest | None:
@@ -301,10 +334,13 @@ def build_shards(
     tok = load_tokenizer_dir(tokenizer_dir)
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
+    if piece_chars < 1:
+        raise ValueError(f"--piece-chars must be >= 1, got {piece_chars}")
     settings = BuildSettings(
         seq_len=seq_len,
         shard_rows=shard_rows or max(1, (1 << 25) // seq_len),  # ~128 MiB shards
         max_paragraph_chars=max_paragraph_chars,
+        piece_chars=piece_chars,
     )
     if settings.seq_len < 3:
         raise ValueError(f"--seq-len must be >= 3, got {seq_len}")
@@ -380,6 +416,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=1, help="encoder processes (per MPI rank)")
     ap.add_argument("--shard-rows", type=int, default=None, help="default: ~128 MiB per shard")
     ap.add_argument("--max-paragraph-chars", type=int, default=DEFAULT_MAX_PARAGRAPH_CHARS)
+    ap.add_argument(
+        "--piece-chars",
+        type=int,
+        default=DEFAULT_PIECE_CHARS,
+        help="most text of one document held at once (longer ones are encoded and packed "
+        "piece by piece into the same rows); bounds memory, never changes the output",
+    )
     args = ap.parse_args(argv)
     comm = _mpi_comm()
     t0 = time.perf_counter()
@@ -392,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             shard_rows=args.shard_rows,
             max_paragraph_chars=args.max_paragraph_chars,
+            piece_chars=args.piece_chars,
             comm=comm,
         )
     except (CorpusError, ValueError, FileNotFoundError) as e:

@@ -2,7 +2,8 @@
 
 Format: one file per language, named ``{lang}.txt``, ``{lang}.txt.xz`` or ``{lang}.txt.gz``
 (``en.txt.xz``, ``zh-Hans.txt.xz``, ``hi_rom.txt.xz``); one paragraph per line; an empty line
-ends a document. Files are read line by line and never held in memory.
+ends a document. Files are read line by line and never held in memory; `read_document_pieces`
+also never holds more than a bounded piece of one document (a line or document of gigabytes).
 
 Nothing here assumes the text is clean. Every repair is counted in `ReadStats`:
 - invalid UTF-8 bytes are replaced by U+FFFD (`invalid_utf8_lines`),
@@ -24,6 +25,7 @@ import gzip
 import lzma
 import os
 import re
+import sys
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ _SUFFIXES = {".txt": "plain", ".txt.xz": "xz", ".txt.gz": "gz"}
 _LANG_RE = re.compile(r"^[A-Za-z]{2,3}([_-][A-Za-z0-9]+)*$")
 _SPECIAL_LITERAL_RE = re.compile(r"\[(CLS|SEP|PAD|UNK|MASK)\]")
 DEFAULT_MAX_PARAGRAPH_CHARS = 20_000
+DEFAULT_PIECE_CHARS = 1 << 18  # most text of one document `read_document_pieces` holds
 _SNIFF_LINES = 1000  # a file whose first lines are mostly invalid UTF-8 is not text
 
 
@@ -183,15 +186,26 @@ def _raw_lines(f, max_bytes: int, block_size: int = 1 << 14) -> Iterator[tuple[b
             continuation = True
 
 
-def read_documents(
+@dataclass(frozen=True)
+class DocumentPiece:
+    """Consecutive paragraphs of one document; more of it follows unless `ends_document`."""
+
+    paragraphs: list[str]  # never empty
+    ends_document: bool
+
+
+def read_document_pieces(
     inp: InputFile,
     stats: ReadStats,
     max_paragraph_chars: int = DEFAULT_MAX_PARAGRAPH_CHARS,
-) -> Iterator[list[str]]:
-    """Yield documents (lists of non-empty paragraphs) of one file, counting repairs in stats."""
+    piece_chars: int = DEFAULT_PIECE_CHARS,
+) -> Iterator[DocumentPiece]:
+    """Documents of one file in pieces of at most max(piece_chars, max_paragraph_chars)
+    characters (whole paragraphs), so a document of any length is never held at once;
+    repairs are counted in stats. A document that fits comes as one piece."""
     try:
         with _open_binary(inp) as f:
-            yield from _documents(inp, f, stats, max_paragraph_chars)
+            yield from _pieces(inp, f, stats, max_paragraph_chars, piece_chars)
     except (EOFError, lzma.LZMAError, zlib.error, gzip.BadGzipFile, OSError) as e:
         kind = "truncated" if isinstance(e, EOFError) else "corrupt or unreadable"
         raise CorpusError(
@@ -200,10 +214,27 @@ def read_documents(
         ) from e
 
 
-def _documents(inp: InputFile, f, stats: ReadStats, max_chars: int) -> Iterator[list[str]]:
-    doc: list[str] = []
+def read_documents(
+    inp: InputFile,
+    stats: ReadStats,
+    max_paragraph_chars: int = DEFAULT_MAX_PARAGRAPH_CHARS,
+) -> Iterator[list[str]]:
+    """Whole documents (lists of non-empty paragraphs) of one file, counting repairs in stats.
+
+    A document is held in memory at once: what must stay bounded on any input (build_shards)
+    reads `read_document_pieces`.
+    """
+    for piece in read_document_pieces(inp, stats, max_paragraph_chars, piece_chars=sys.maxsize):
+        yield piece.paragraphs
+
+
+def _pieces(
+    inp: InputFile, f, stats: ReadStats, max_chars: int, piece_chars: int
+) -> Iterator[DocumentPiece]:
+    doc: list[str] = []  # the current piece of the document being read
+    doc_chars = 0
     blank_run = 1  # a blank run at the start of the file is an empty document too
-    pending_split = False  # the previous piece belongs to a paragraph already counted as split
+    pending_split = False  # the previous line piece belongs to a paragraph counted as split
     lines = paragraphs = chars = 0  # hot counters live in locals, flushed into stats below
     try:
         for raw, continuation in _raw_lines(f, 4 * max_chars + 4):
@@ -228,8 +259,8 @@ def _documents(inp: InputFile, f, stats: ReadStats, max_chars: int) -> Iterator[
                     continue
                 if doc:
                     stats.documents += 1
-                    yield doc
-                    doc, blank_run = [], 0
+                    yield DocumentPiece(doc, ends_document=True)
+                    doc, doc_chars, blank_run = [], 0, 0
                 blank_run += 1
                 stats.empty_documents += blank_run == 2
                 continue
@@ -238,7 +269,11 @@ def _documents(inp: InputFile, f, stats: ReadStats, max_chars: int) -> Iterator[
                 text, n = _SPECIAL_LITERAL_RE.subn(r"[ \1]", text)
                 stats.special_literals += n
             if len(text) <= max_chars and not continuation:  # the common case
+                if doc_chars + len(text) > piece_chars and doc:
+                    yield DocumentPiece(doc, ends_document=False)
+                    doc, doc_chars = [], 0
                 doc.append(text)
+                doc_chars += len(text)
                 paragraphs += 1
                 chars += len(text)
                 pending_split = False
@@ -246,16 +281,21 @@ def _documents(inp: InputFile, f, stats: ReadStats, max_chars: int) -> Iterator[
             if continuation and not pending_split:
                 stats.split_paragraphs += 1
             pending_split = continuation
-            pieces = _split_long(text, max_chars)
-            if len(pieces) > 1 and not continuation:
+            splits = _split_long(text, max_chars)
+            if len(splits) > 1 and not continuation:
                 stats.split_paragraphs += 1
                 pending_split = True
-            paragraphs += len(pieces)
-            chars += sum(map(len, pieces))
-            doc.extend(pieces)
+            paragraphs += len(splits)
+            for part in splits:
+                if doc_chars + len(part) > piece_chars and doc:
+                    yield DocumentPiece(doc, ends_document=False)
+                    doc, doc_chars = [], 0
+                doc.append(part)
+                doc_chars += len(part)
+            chars += sum(map(len, splits))
         if doc:
             stats.documents += 1
-            yield doc
+            yield DocumentPiece(doc, ends_document=True)
     finally:
         stats.lines += lines
         stats.paragraphs += paragraphs

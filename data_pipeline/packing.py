@@ -16,9 +16,16 @@ class RowPacker:
     """Documents in, rows of exactly seq_len out: ``[CLS] t ... t [SEP]``.
 
     The token stream is the documents joined by ``[SEP]``; each row takes the next
-    seq_len - 2 stream tokens. A ``[SEP]`` that would open a row is dropped (the previous
-    row already ends with one). The tail shorter than a row is dropped and counted; there is
-    no padding. Rows depend only on the order of documents, never on how they were batched.
+    seq_len - 2 stream tokens. The tail shorter than a row is dropped and counted; there is
+    no padding; documents without tokens are skipped and counted. A ``[SEP]`` that would
+    open the first row after a call is dropped (the previous row already ends with one);
+    one falling on a row start inside a call is kept, so rows depend on how documents are
+    grouped into calls: build_shards groups them deterministically (whole documents, about
+    `CHUNK_CHARS` per call).
+
+    A document too long to hold comes in several calls: a call with ``open_end`` leaves its
+    last document open, the next call passes ``continues`` and starts with the rest of it.
+    Such a run of calls packs exactly as the one call holding all of it would.
     """
 
     def __init__(self, seq_len: int, cls_id: int, sep_id: int):
@@ -26,8 +33,11 @@ class RowPacker:
             raise ValueError(f"seq_len must be >= 3, got {seq_len}")
         self.body = seq_len - 2
         self.cls_id, self.sep_id = cls_id, sep_id
-        self._parts: list[np.ndarray] = []
+        self._parts: list[np.ndarray] = []  # never empty arrays
         self._pending = 0  # tokens in _parts
+        self._need_sep = False  # a [SEP] goes before the next document's first token
+        self._open_has_tokens = False  # the open document (after an open_end call) has tokens
+        self.empty_documents = 0
 
     def add(self, docs: list[np.ndarray]) -> np.ndarray:
         """Append documents; return the completed rows, shape (n, seq_len) int32."""
@@ -35,29 +45,46 @@ class RowPacker:
         flat = np.concatenate(docs) if docs else np.empty(0, np.int32)
         return self.add_flat(flat.astype(np.int32, copy=False), lens)
 
-    def add_flat(self, tokens: np.ndarray, doc_lens: np.ndarray) -> np.ndarray:
+    def add_flat(
+        self,
+        tokens: np.ndarray,
+        doc_lens: np.ndarray,
+        continues: bool = False,
+        open_end: bool = False,
+    ) -> np.ndarray:
         """`add` for documents given as their concatenated tokens and their lengths."""
-        lens = doc_lens[doc_lens > 0]
-        if len(lens):
-            starts = np.cumsum(lens) - lens
-            if not self._pending:
-                starts = starts[1:]  # nothing to separate the first document from
+        if not continues:  # a new group of calls: the one-call rule for its first document
+            self._need_sep = self._pending > 0
+        opens = doc_lens > 0  # parts holding their document's first tokens
+        empty = ~opens[: len(doc_lens) - open_end]  # documents that end here without tokens
+        if continues and len(doc_lens) and self._open_has_tokens:
+            opens[0] = empty[:1] = False
+        self.empty_documents += int(np.count_nonzero(empty))
+        if open_end:
+            self._open_has_tokens = bool(doc_lens[-1] > 0) or (
+                continues and len(doc_lens) == 1 and self._open_has_tokens
+            )
+        if len(tokens):
+            starts = (np.cumsum(doc_lens) - doc_lens)[opens]
+            if len(starts) and not self._need_sep:
+                starts, self._need_sep = starts[1:], True  # nothing to separate it from
             joined = np.insert(tokens, starts, self.sep_id)
             self._parts.append(joined)
             self._pending += len(joined)
         n = self._pending // self.body
-        if n == 0:
-            return np.empty((0, self.body + 2), dtype=np.int32)
-        stream = np.concatenate(self._parts) if len(self._parts) > 1 else self._parts[0]
-        rest = stream[n * self.body :]
-        if len(rest) and rest[0] == self.sep_id:
-            rest = rest[1:]
-        self._parts = [rest] if len(rest) else []
-        self._pending = len(rest)
         rows = np.empty((n, self.body + 2), dtype=np.int32)
-        rows[:, 0] = self.cls_id
-        rows[:, -1] = self.sep_id
-        rows[:, 1:-1] = stream[: n * self.body].reshape(n, self.body)
+        if n:
+            stream = np.concatenate(self._parts) if len(self._parts) > 1 else self._parts[0]
+            rest = stream[n * self.body :]
+            self._parts = [rest] if len(rest) else []
+            self._pending = len(rest)
+            rows[:, 0] = self.cls_id
+            rows[:, -1] = self.sep_id
+            rows[:, 1:-1] = stream[: n * self.body].reshape(n, self.body)
+        if not open_end and self._pending and self._parts[0][0] == self.sep_id:
+            first = self._parts[0][1:]
+            self._parts[:1] = [first] if len(first) else []
+            self._pending -= 1
         return rows
 
     @property
@@ -102,32 +129,36 @@ def write_shard(out_dir: Path, name: str, language: str, rows: np.ndarray) -> Sh
 
 
 class ShardWriter:
-    """Buffers rows of one language and writes a shard every `shard_rows` rows."""
+    """Collects rows of one language and writes a shard every `shard_rows` rows.
+
+    Rows are copied into one preallocated shard buffer (memory: one shard, never a second
+    copy of it for concatenation; pages are only touched as rows arrive).
+    """
 
     def __init__(self, out_dir: Path, language: str, shard_rows: int):
         self.out_dir, self.language, self.shard_rows = out_dir, language, shard_rows
-        self._rows: list[np.ndarray] = []
+        self._buf: np.ndarray | None = None  # allocated with the first rows (their width)
         self._count = 0
         self.records: list[ShardRecord] = []
 
     def add(self, rows: np.ndarray) -> None:
-        if len(rows) == 0:
-            return
-        self._rows.append(rows)
-        self._count += len(rows)
-        while self._count >= self.shard_rows:
-            block = np.concatenate(self._rows)
-            self._flush(block[: self.shard_rows])
-            rest = block[self.shard_rows :]
-            self._rows = [rest] if len(rest) else []
-            self._count = len(rest)
+        if len(rows) and self._buf is None:
+            self._buf = np.empty((self.shard_rows, rows.shape[1]), dtype=np.int32)
+        while len(rows):
+            take = min(len(rows), self.shard_rows - self._count)
+            self._buf[self._count : self._count + take] = rows[:take]
+            self._count += take
+            rows = rows[take:]
+            if self._count == self.shard_rows:
+                self._flush(self._buf)
 
     def close(self) -> list[ShardRecord]:
         if self._count:
-            self._flush(np.concatenate(self._rows))
-            self._rows, self._count = [], 0
+            self._flush(self._buf[: self._count])
+        self._buf = None
         return self.records
 
     def _flush(self, rows: np.ndarray) -> None:
         name = shard_name(self.language, len(self.records))
         self.records.append(write_shard(self.out_dir, name, self.language, rows))
+        self._count = 0
