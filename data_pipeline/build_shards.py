@@ -20,6 +20,11 @@ Crash safety: the old manifest.json is removed before any work, shards are publi
 atomic rename, each finished file leaves a `_build/{lang}.json` record, and manifest.json
 is written last. A killed build re-run with the same command resumes: finished languages
 whose shards still hash correctly are kept, everything else of theirs is rebuilt.
+
+Exit status: 0 built (a language that gave no rows is a warning line in the summary);
+2 bad input or settings (the message names the file; no manifest); 3 no input gave a single
+row, every file empty or shorter than one row (the message names each file and why; no
+manifest).
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ from data_pipeline.packing import RowPacker, ShardWriter, shard_glob
 from data_pipeline.tokenizer import Encoder, TokenizerInfo, file_sha256, load_tokenizer_dir
 
 BUILD_DIR = "_build"
+EXIT_ERROR = 2  # bad input or settings; nothing published for the failed files, no manifest
+EXIT_NO_ROWS = 3  # every input empty or too short for one row; no manifest
 CHUNK_CHARS = 1 << 18  # text per encoder task (whole documents; rows depend on it)
 
 
@@ -87,6 +94,10 @@ class BuildSettings:
             ],
         )
         return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class NoRowsError(CorpusError):
+    """The inputs read fine but gave no row at all: a manifest would describe no data."""
 
 
 # ---- encoder worker processes -------------------------------------------------------------
@@ -307,6 +318,30 @@ def merge_manifest(out_dir: Path, files: list[InputFile], settings, tok) -> Mani
     return manifest
 
 
+def why_no_rows(stats: dict, input_bytes: int, seq_len: int) -> str:
+    """Why one language's statistics (a `_build` record's) hold no rows, for a message."""
+    if input_bytes == 0:
+        return "empty file, 0 bytes"
+    if stats["documents"] == 0:
+        lines = stats["lines"]
+        return f"no text, {lines} blank lines" if lines else "no text, empty once decompressed"
+    if stats["tokens"] == 0:
+        return f"{stats['documents']} documents, all empty after encoding"
+    return (
+        f"{stats['tokens']} tokens in {stats['documents']} documents, less than one "
+        f"{seq_len}-token row, dropped as the tail"
+    )
+
+
+def _no_rows_message(out_dir: Path, files: list[InputFile], seq_len: int) -> str:
+    lines = ["build produced no rows, no manifest written: every input is empty or too short"]
+    for f in files:
+        record = json.loads((out_dir / BUILD_DIR / f"{f.language}.json").read_text())
+        why = why_no_rows(record["stats"], record["input"]["bytes"], seq_len)
+        lines.append(f"  {f.path} ({f.language}): {why}")
+    return "\n".join(lines)
+
+
 def _mpi_comm():
     """COMM_WORLD when started by mpirun/srun with more than one rank, else None."""
     for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS"):
@@ -329,7 +364,10 @@ def build_shards(
     progress: bool = True,
     comm=None,
 ) -> Manifest | None:
-    """Build shards + manifest; returns the Manifest on rank 0 (None on other ranks)."""
+    """Build shards + manifest; returns the Manifest on rank 0 (None on other ranks).
+
+    Raises `NoRowsError` (no manifest written) when no input gives a single row.
+    """
     files = discover_inputs(inputs)  # every input error before any work
     tok = load_tokenizer_dir(tokenizer_dir)
     if workers < 1:
@@ -361,20 +399,24 @@ def build_shards(
     desc = f"rank {rank} encoding" if world > 1 else "encoding"
     bar = tqdm(unit="tok", unit_scale=True, desc=desc, disable=not progress, position=rank)
     error = None
+    rows: dict[str, int] = {}
     try:
         for inp in mine:
             bar.set_postfix_str(inp.language)
-            build_file(inp, settings, tok, out_dir, pool, 2 * workers, bar)
+            record = build_file(inp, settings, tok, out_dir, pool, 2 * workers, bar)
+            rows[inp.language] = record["stats"]["rows"]
     except (CorpusError, OSError) as e:
         error = str(e)
     finally:
         bar.close()
         pool.close()
         pool.join()
-    errors = comm.allgather(error) if comm is not None else [error]
-    errors = [e for e in errors if e]
+    gathered = comm.allgather((error, rows)) if comm is not None else [(error, rows)]
+    errors = [e for e, _ in gathered if e]
     if errors:
         raise CorpusError("build failed, no manifest written:\n  " + "\n  ".join(errors))
+    if not any(n for _, r in gathered for n in r.values()):  # every rank knows: all fail alike
+        raise NoRowsError(_no_rows_message(out_dir, files, settings.seq_len))
     if rank != 0:
         return None
     return merge_manifest(out_dir, files, settings, tok)
@@ -400,6 +442,11 @@ def _summary(manifest: Manifest, seconds: float) -> str:
         f"{tot_tokens / max(seconds, 1e-9):,.0f} tokens/s over {seconds:.1f} s | "
         f"fingerprint {manifest.fingerprint()[:16]}"
     )
+    for lang in manifest.languages:
+        s = manifest.stats[lang]
+        if s["rows"] == 0:
+            why = why_no_rows(s, s["input"]["bytes"], manifest.seq_len)
+            lines.append(f"warning: {lang}: no rows ({s['input']['file']}: {why})")
     return "\n".join(lines)
 
 
@@ -438,9 +485,12 @@ def main(argv: list[str] | None = None) -> int:
             piece_chars=args.piece_chars,
             comm=comm,
         )
+    except NoRowsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_NO_ROWS
     except (CorpusError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     if manifest is not None:
         print(_summary(manifest, time.perf_counter() - t0))
     return 0

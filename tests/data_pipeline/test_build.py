@@ -2,6 +2,7 @@
 
 import filecmp
 import json
+import lzma
 import os
 import shutil
 import signal
@@ -13,10 +14,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from data_pipeline.build_shards import build_shards
+from data_pipeline.build_shards import NoRowsError, build_shards
 from data_pipeline.corpus import CorpusError
 from data_pipeline.manifest import load_manifest
 from data_pipeline.packing import RowPacker
+from data_pipeline.tokenizer import Encoder
 from tests.conftest import PYTHON, REPO_ROOT, SAMPLE_CORPUS, SHARDS_SEQ_LEN, run_env
 
 CLS, SEP = 1, 2
@@ -193,6 +195,60 @@ def test_unknown_extension_and_empty_input_fail_before_any_work(tmp_path, tokeni
                 "--vocab-size", "500", "--out", str(out))  # fmt: skip
     assert proc.returncode == 2 and "empty: directory has no input files" in proc.stderr
     assert not out.exists()
+
+
+def test_build_without_rows_fails_and_names_each_input(tmp_path, tokenizer_dir):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "ga.txt").write_bytes(b"")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text("{}")  # an earlier build's: must not survive either
+    args = ["data_pipeline.build_shards", "--input", str(inputs), "--tokenizer",
+            str(tokenizer_dir), "--out", str(out), "--seq-len", "64"]  # fmt: skip
+    proc = _cli(*args)
+    assert proc.returncode == 3, proc.stderr
+    assert (
+        "error: build produced no rows, no manifest written: every input is empty or too "
+        f"short\n  {inputs / 'ga.txt'} (ga): empty file, 0 bytes\n"
+    ) in proc.stderr
+    _assert_nothing_published(out, "ga")
+    # all filtered: blank lines only, text shorter than one row, an empty compressed file
+    (inputs / "eo.txt").write_text("\n \n\t\n")
+    (inputs / "fr.txt").write_text("Bonjour.\n\nMerci.\n")
+    (inputs / "it.txt.xz").write_bytes(lzma.compress(b""))
+    tokens = sum(map(len, Encoder(tokenizer_dir / "spm.model").encode(["Bonjour.", "Merci."])))
+    proc = _cli(*args)
+    assert proc.returncode == 3, proc.stderr
+    lines = proc.stderr.splitlines()
+    at = lines.index("error: build produced no rows, no manifest written: every input is empty "
+                     "or too short")  # fmt: skip
+    assert lines[at + 1 :] == [
+        f"  {inputs / 'eo.txt'} (eo): no text, 3 blank lines",
+        f"  {inputs / 'fr.txt'} (fr): {tokens} tokens in 2 documents, less than one 64-token "
+        "row, dropped as the tail",
+        f"  {inputs / 'ga.txt'} (ga): empty file, 0 bytes",
+        f"  {inputs / 'it.txt.xz'} (it): no text, empty once decompressed",
+    ]
+    for lang in ("eo", "fr", "ga", "it"):
+        _assert_nothing_published(out, lang)
+    with pytest.raises(NoRowsError, match="every input is empty or too short"):
+        build_shards([inputs], tokenizer_dir, out, seq_len=64, progress=False)
+
+
+def test_language_without_rows_is_a_summary_warning(tmp_path, small_corpus_dir, tokenizer_dir):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(small_corpus_dir / "eo.txt", inputs)
+    (inputs / "ga.txt").write_bytes(b"")
+    out = tmp_path / "out"
+    proc = _cli("data_pipeline.build_shards", "--input", str(inputs), "--tokenizer",
+                str(tokenizer_dir), "--out", str(out), "--seq-len", "64")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "warning: ga: no rows (ga.txt: empty file, 0 bytes)"
+    assert "warning: eo" not in proc.stdout
+    m = load_manifest(out)
+    assert m.languages == ["eo", "ga"] and m.rows_per_language()["ga"] == 0
 
 
 def test_killed_build_never_leaves_a_bad_manifest_and_resumes(
