@@ -26,6 +26,14 @@ directory (`run.output_dir/run.name`) receives config.toml, ds_config.json, metr
 tensorboard/ and checkpoints/. Running the same command again resumes from the newest
 complete checkpoint.
 
+`--dry-run` (under any of the launchers above) checks a launch without starting it: every
+rank finds its rank and runs the preflight as the real launch would, then rank 0 prints the
+world size, micro batch x ranks x gradient accumulation = global batch, the run directory
+(and the checkpoint it would resume from), the resolved run config and the DeepSpeed config
+(launcher/train/dry_run.py). No process group, nothing written; exit 0, or 2 for a config
+error. `--local_rank=N` (added by the deepspeed launcher) is accepted and ignored: ranks
+come from the environment. `-h`/`--help`: this text.
+
 Exit codes: 0 done, or stopped by SIGTERM/SIGINT after saving a checkpoint (under the
 `deepspeed` launcher its own launch.py then reports 1 for the signal); 2 invalid config or
 refused resume (nothing started); 3 stopped after `train.max_nonfinite_in_a_row` non-finite
@@ -54,7 +62,7 @@ from launcher.config import ConfigError, options_help, parse_args, resolve_path,
 from launcher.evaluate import eval_set
 from launcher.factory import build_model
 from launcher.hf.import_weights import InitError, init_from_hf
-from launcher.train import allocator, checkpoint, distributed
+from launcher.train import allocator, checkpoint, distributed, dry_run
 from launcher.train.engine import build_engine, with_universal_load, write_ds_config
 from launcher.train.loop import (
     EXIT_CONFIG,
@@ -196,6 +204,8 @@ def setup(pre: Preflight, env: distributed.DistEnv):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    dry = dry_run.FLAG in argv
+    argv = [a for a in argv if a != dry_run.FLAG]
     if {"-h", "--help"} & set(argv):
         print(f"{__doc__}\nOptions (defaults shown; recipes in launcher/recipes/):\n")
         print(options_help())
@@ -206,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"rtdspeed: config error: {e}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
+    if dry:
+        return dry_run.run(pre, env)
     run = None
     try:
         engine, stream, state, run = setup(pre, env)
