@@ -5,6 +5,14 @@ Format: one file per language, named ``{lang}.txt``, ``{lang}.txt.xz`` or ``{lan
 ends a document. Files are read line by line and never held in memory; `read_document_pieces`
 also never holds more than a bounded piece of one document (a line or document of gigabytes).
 
+Language codes (`normalize_language`) are CC100's: an ISO 639 code of 2 or 3 letters, then
+optionally a script (ISO 15924, 4 letters: ``zh-Hans``, ``sr_Latn``) or one of CC100's
+variants ``rom`` (romanized: ``hi_rom``) and ``zaw`` (Zawgyi: ``my_zaw``), then optionally a
+region (2 letters or 3 digits: ``pt_BR``, ``es-419``), joined by ``-`` or ``_``. Case is
+normalized (language and variants lower, script title, region upper), so ``GA.txt`` is ``ga``;
+two files whose codes agree ignoring case and ``-``/``_`` are an error. Codes are checked
+against this pattern only, not against the ISO registries.
+
 Nothing here assumes the text is clean. Every repair is counted in `ReadStats`:
 - invalid UTF-8 bytes are replaced by U+FFFD (`invalid_utf8_lines`),
 - blank runs (empty documents, blank lines at the start of a file) are skipped
@@ -32,7 +40,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _SUFFIXES = {".txt": "plain", ".txt.xz": "xz", ".txt.gz": "gz"}
-_LANG_RE = re.compile(r"^[A-Za-z]{2,3}([_-][A-Za-z0-9]+)*$")
+_LANG_RE = re.compile(
+    r"(?P<lang>[a-z]{2,3})"
+    r"(?:(?P<sep1>[-_])(?:(?P<script>[a-z]{4})|(?P<variant>rom|zaw)))?"
+    r"(?:(?P<sep2>[-_])(?P<region>[a-z]{2}|[0-9]{3}))?",
+    re.IGNORECASE | re.ASCII,  # ASCII: no Unicode case folding ("ſ" is not "s")
+)
+LANGUAGE_CODE_HELP = (
+    "an ISO 639 code of 2-3 letters, optionally followed by a script (zh-Hans, sr_Latn), "
+    "a CC100 variant (hi_rom, my_zaw) or a region (pt_BR, es-419)"
+)
 _SPECIAL_LITERAL_RE = re.compile(r"\[(CLS|SEP|PAD|UNK|MASK)\]")
 DEFAULT_MAX_PARAGRAPH_CHARS = 20_000
 DEFAULT_PIECE_CHARS = 1 << 18  # most text of one document `read_document_pieces` holds
@@ -75,16 +92,34 @@ class ReadStats:
         return dataclasses.asdict(self)
 
 
+def normalize_language(code: str) -> str | None:
+    """CC100's spelling of a language code (``ZH_hans`` -> ``zh_Hans``), or None if invalid.
+
+    The separator is kept: CC100 itself writes ``zh-Hans`` but ``hi_rom``.
+    """
+    m = _LANG_RE.fullmatch(code)
+    if m is None:
+        return None
+    out = m["lang"].lower()
+    if m["script"]:
+        out += m["sep1"] + m["script"].title()
+    elif m["variant"]:
+        out += m["sep1"] + m["variant"].lower()
+    if m["region"]:
+        out += m["sep2"] + m["region"].upper()
+    return out
+
+
 def parse_input_name(path: Path) -> InputFile:
-    """Language and compression from the file name, or `CorpusError`."""
+    """Language (normalized) and compression from the file name, or `CorpusError`."""
     name = path.name
     for suffix, compression in sorted(_SUFFIXES.items(), key=lambda kv: -len(kv[0])):
         if name.endswith(suffix):
-            lang = name[: -len(suffix)]
-            if not _LANG_RE.match(lang):
+            lang = normalize_language(name[: -len(suffix)])
+            if lang is None:
                 raise CorpusError(
-                    f"{path}: cannot read a language code from the file name "
-                    f"(expected e.g. en.txt.xz, zh-Hans.txt.xz, hi_rom.txt.xz)"
+                    f"{path}: {name[: -len(suffix)]!r} is not a language code: expected "
+                    f"{LANGUAGE_CODE_HELP}, as in en.txt.xz, zh-Hans.txt.xz, hi_rom.txt.xz"
                 )
             return InputFile(path=path, language=lang, compression=compression)
     raise CorpusError(
@@ -97,7 +132,8 @@ def discover_inputs(specs: Iterable[str | os.PathLike]) -> list[InputFile]:
     """Expand files, directories (their non-hidden files) and globs into input files.
 
     Everything is checked before any work starts: a spec matching nothing, an unknown
-    extension, two files for one language and an empty input set are all errors.
+    extension or invalid language code, two files for one language (codes compared ignoring
+    case and ``-``/``_``: ``GA.txt`` beside ``ga.txt``) and an empty input set are all errors.
     """
     paths: list[Path] = []
     for spec in specs:
@@ -118,15 +154,20 @@ def discover_inputs(specs: Iterable[str | os.PathLike]) -> list[InputFile]:
     if not paths:
         raise CorpusError("no input files given (empty input set)")
     inputs = [parse_input_name(p) for p in paths]
-    by_lang: dict[str, InputFile] = {}
+    by_key: dict[str, InputFile] = {}
     for inp in inputs:
-        if inp.language in by_lang and by_lang[inp.language].path.resolve() != inp.path.resolve():
+        key = inp.language.lower().replace("_", "-")
+        seen = by_key.get(key)
+        if seen is not None and seen.path.resolve() != inp.path.resolve():
+            codes = repr(inp.language)
+            if seen.language != inp.language:
+                codes = f"{seen.language!r} = {inp.language!r}"
             raise CorpusError(
-                f"two input files for language {inp.language!r}: "
-                f"{by_lang[inp.language].path} and {inp.path}"
+                f"two input files for language {codes}: {seen.path} and {inp.path} "
+                "(language codes are compared ignoring case and -/_)"
             )
-        by_lang[inp.language] = inp
-    return [by_lang[lang] for lang in sorted(by_lang)]
+        by_key[key] = inp
+    return sorted(by_key.values(), key=lambda f: f.language)
 
 
 def _open_binary(inp: InputFile):

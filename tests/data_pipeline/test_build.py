@@ -251,6 +251,36 @@ def test_language_without_rows_is_a_summary_warning(tmp_path, small_corpus_dir, 
     assert m.languages == ["eo", "ga"] and m.rows_per_language()["ga"] == 0
 
 
+def test_language_codes_from_file_names_end_to_end(tmp_path, small_corpus_dir, tokenizer_dir):
+    """GA.txt beside ga.txt and zzz_qq9.txt are refused by both commands before any work;
+    EO.txt is language eo in the shards and the manifest."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(small_corpus_dir / "eo.txt", inputs / "EO.txt")
+    out = tmp_path / "out"
+    proc = _cli("data_pipeline.build_shards", "--input", str(inputs), "--tokenizer",
+                str(tokenizer_dir), "--out", str(out), "--seq-len", "64")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    m = load_manifest(out)
+    assert m.languages == ["eo"] and [s.file for s in m.shards] == ["eo-00000.arrow"]
+    assert m.stats["eo"]["input"]["file"] == "EO.txt"
+    for bad, message in [
+        ("eo.txt", f"two input files for language 'eo': {inputs / 'EO.txt'} and "
+                   f"{inputs / 'eo.txt'} (language codes are compared ignoring case and -/_)"),
+        ("zzz_qq9.txt", f"{inputs / 'zzz_qq9.txt'}: 'zzz_qq9' is not a language code"),
+    ]:  # fmt: skip
+        (inputs / bad).write_text("text\n")
+        fresh = tmp_path / f"out-{bad}"
+        for module in ("build_shards", "train_tokenizer"):
+            tool = ["--tokenizer", str(tokenizer_dir)] if module == "build_shards" else []
+            proc = _cli(f"data_pipeline.{module}", "--input", str(inputs), *tool,
+                        "--out", str(fresh))  # fmt: skip
+            assert proc.returncode == 2, (module, proc.stderr)
+            assert f"error: {message}" in proc.stderr, module
+            assert not fresh.exists(), module
+        (inputs / bad).unlink()
+
+
 def test_killed_build_never_leaves_a_bad_manifest_and_resumes(
     tmp_path, small_corpus_dir, tokenizer_dir, shards_dir
 ):

@@ -148,3 +148,44 @@ def test_input_set_errors_before_any_work(tmp_path):
     (tmp_path / "b" / "en.txt.gz").write_bytes(gzip.compress(b"x\n"))
     with pytest.raises(CorpusError, match="two input files for language 'en'"):
         discover_inputs([tmp_path / "a", tmp_path / "b"])
+
+
+def test_language_codes_are_normalized_and_validated(tmp_path):
+    names = {"GA.txt": "ga", "ZH-HANS.txt.gz": "zh-Hans", "zh_hant.txt": "zh_Hant",
+             "sr_latn.txt": "sr_Latn", "HI_ROM.txt": "hi_rom", "my_zaw.txt": "my_zaw",
+             "pt_br.txt": "pt_BR", "es-419.txt": "es-419", "sr-Latn-rs.txt": "sr-Latn-RS",
+             "fil.txt": "fil"}  # fmt: skip
+    for name in names:
+        (tmp_path / name).write_bytes(gzip.compress(b"x\n") if name.endswith(".gz") else b"x\n")
+    assert {f.path.name: f.language for f in discover_inputs([tmp_path])} == names
+    bundled = [f.language for f in discover_inputs([SAMPLE_CORPUS])]
+    assert bundled == [p.name.split(".")[0] for p in sorted(SAMPLE_CORPUS.glob("*.txt.xz"))]
+    assert len(bundled) == 12
+    for bad in ["zzz_qq9", "e", "engl", "en_", "en__US", "en-rom-x", "x1", "ſe", "en_Latn_rom"]:
+        (tmp_path / f"{bad}.txt").write_text("x\n")
+        with pytest.raises(CorpusError) as e:
+            discover_inputs([tmp_path / f"{bad}.txt"])
+        assert str(e.value) == (
+            f"{tmp_path / bad}.txt: {bad!r} is not a language code: expected an ISO 639 code "
+            "of 2-3 letters, optionally followed by a script (zh-Hans, sr_Latn), a CC100 "
+            "variant (hi_rom, my_zaw) or a region (pt_BR, es-419), as in en.txt.xz, "
+            "zh-Hans.txt.xz, hi_rom.txt.xz"
+        )
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "codes"),
+    [("GA.txt", "ga.txt", "'ga'"), ("zh-Hans.txt", "zh_hans.txt.gz", "'zh-Hans' = 'zh_Hans'")],
+)
+def test_codes_equal_after_normalization_are_duplicates(tmp_path, first, second, codes):
+    (tmp_path / first).write_text("x\n")
+    (tmp_path / second).write_text("x\n")
+    with pytest.raises(CorpusError) as e:
+        discover_inputs([tmp_path])
+    assert str(e.value) == (
+        f"two input files for language {codes}: {tmp_path / first} and {tmp_path / second} "
+        "(language codes are compared ignoring case and -/_)"
+    )
+    assert [f.language for f in discover_inputs([tmp_path / first, tmp_path / first])] == [
+        codes.split("'")[1]  # the same file twice is one input
+    ]
