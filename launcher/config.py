@@ -34,6 +34,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 OPTIM_IMPLEMENTATIONS = ("auto", "torch", "deepspeed")
+# eval.best_metric choices and whether higher is better
+BEST_METRICS = {
+    "mlm_loss": False,
+    "mlm_acc": True,
+    "sampled_acc": True,
+    "disc_loss": False,
+    "disc_acc": True,
+    "disc_auc": True,
+}
 
 
 class ConfigError(ValueError):
@@ -114,6 +123,10 @@ class EvalSection:
     max_samples_per_language: int = 64  # validation rows evaluated per language
     batch_size: int = 8  # rows per evaluation forward pass
     mask_seed: int = 0  # fixes the masking and sampling of the eval set
+    # Keep the checkpoint with the best held-out value of this metric (overall), never pruned
+    # by checkpoint.keep_last; recorded in checkpoints/best.json. "": off. Choices: the keys
+    # of BEST_METRICS (losses: lower is better; accuracies and AUC: higher).
+    best_metric: str = ""
 
 
 @dataclass
@@ -393,6 +406,12 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError(
             f"eval.every_steps={e.every_steps} must be a positive integer, or 0 (off)"
         )
+    if e.best_metric and e.best_metric not in BEST_METRICS:
+        raise ConfigError(
+            f'eval.best_metric={e.best_metric!r}; choices: {", ".join(BEST_METRICS)} (or "")'
+        )
+    if e.best_metric and not e.every_steps:
+        raise ConfigError(f"eval.best_metric={e.best_metric!r} needs eval.every_steps > 0")
     for name in ("max_samples_per_language", "batch_size"):
         if getattr(e, name) <= 0:
             raise ConfigError(f"eval.{name}={getattr(e, name)} must be > 0")

@@ -5,7 +5,8 @@ only once `COMPLETE.json` exists in it: rank 0 writes that marker (atomically) a
 barrier that every rank reaches only when its own `save_checkpoint` has returned. DeepSpeed's
 `latest` file is not trusted (it is written before the other ranks finish). A tag directory
 without the marker (a save that was killed) is never resumed from and is deleted by the next
-save. The newest `keep_last` complete checkpoints are kept. The checkpoint directory must be
+save. The newest `keep_last` complete checkpoints are kept, and the one `best.json` names
+(the best held-out figure, `eval.best_metric`). The checkpoint directory must be
 on a file system every rank sees (shared for multi-node runs).
 
 The train state travels in DeepSpeed's `client_state` (step, consumed samples, tokens, RNG
@@ -32,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 MARKER = "COMPLETE.json"
+BEST = "best.json"  # the checkpoint kept for its held-out figure (eval.best_metric)
 UNIVERSAL_SUFFIX = "_universal"
 
 
@@ -121,11 +123,22 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int) 
     dist.barrier()
 
 
+def best_tag(ckpt_dir: Path) -> str | None:
+    path = ckpt_dir / BEST
+    return json.loads(path.read_text())["tag"] if path.is_file() else None
+
+
+def record_best(ckpt_dir: Path, metric: str, step: int, value: float) -> None:
+    """Rank 0, after the checkpoint of `step` is complete: it is kept from now on."""
+    record = {"metric": metric, "step": step, "value": value, "tag": tag_for(step)}
+    _write_json_atomic(ckpt_dir / BEST, record)
+
+
 def _prune(ckpt_dir: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` complete checkpoints; delete older ones and every
-    incomplete tag older than the newest complete one."""
+    """Keep the newest `keep_last` complete checkpoints and the best one (`best.json`);
+    delete older ones and every incomplete tag older than the newest complete one."""
     tags = complete_tags(ckpt_dir)
-    keep = {t for _, t, _ in tags[-keep_last:]}
+    keep = {t for _, t, _ in tags[-keep_last:]} | {best_tag(ckpt_dir)}
     newest = tags[-1][0] if tags else -1
     for d in ckpt_dir.iterdir():
         if not (d.is_dir() and d.name.startswith("step_")):

@@ -9,6 +9,7 @@ is non-finite on any rank is skipped on every rank (the optimizer does not move)
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -17,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.stream import MicroBatch, ShardStream
-from launcher.config import RunConfig, to_toml
+from launcher.config import BEST_METRICS, RunConfig, to_toml
 from launcher.evaluate import EvalSet, evaluate
 from launcher.train import checkpoint
 from launcher.train.distributed import DistEnv
@@ -36,6 +37,7 @@ class TrainState:
     lang_tokens: dict[str, int] = field(default_factory=dict)
     nonfinite_steps: int = 0
     nonfinite_in_a_row: int = 0
+    best_value: float | None = None  # of eval.best_metric, at the kept checkpoint
 
 
 @dataclass
@@ -202,11 +204,23 @@ def client_state(state: TrainState, run: Run) -> dict:
     }
 
 
-def run_evaluation(engine, state: TrainState, run: Run) -> None:
-    """Held-out figures at this step (every rank; rank 0 logs them under eval/)."""
+def run_evaluation(engine, state: TrainState, run: Run) -> bool:
+    """Held-out figures at this step (every rank; rank 0 logs them under eval/). True when
+    they are the best so far by `eval.best_metric` (the caller then keeps a checkpoint)."""
     t0 = time.time()
     results = evaluate(engine.module, run.eval_data, run.cfg.eval.mask_seed)
     run.logger.log_eval(state.step, results, time.time() - t0)
+    metric = run.cfg.eval.best_metric
+    if not metric or state.step == 0:
+        return False
+    value = results["all"][metric]
+    better = state.best_value is None or (
+        value > state.best_value if BEST_METRICS[metric] else value < state.best_value
+    )
+    if better and math.isfinite(value):
+        state.best_value = value
+        return True
+    return False
 
 
 def save_checkpoint(engine, state: TrainState, run: Run) -> None:
@@ -280,11 +294,20 @@ def train(engine, stream: ShardStream, state: TrainState, run: Run) -> int:
             run.logger.console(state.step, metrics, state.step - first_step)
             t0, window = t1, LogWindow()
         if every_eval and (state.step % every_eval == 0 or state.step == cfg.train.max_steps):
-            run_evaluation(engine, state, run)
+            new_best = run_evaluation(engine, state, run)
             t0 = time.time()  # the next window's step times without the evaluation
-        if state.step % cfg.checkpoint.every_steps == 0 or result.stop:
+        else:
+            new_best = False
+        if state.step % cfg.checkpoint.every_steps == 0 or result.stop or new_best:
             save_checkpoint(engine, state, run)
             saved_step = state.step
+        if new_best and run.env.is_main:
+            ckpt_dir = cfg.run_dir / "checkpoints"
+            checkpoint.record_best(ckpt_dir, cfg.eval.best_metric, state.step, state.best_value)
+            run.logger.message(
+                f"best {cfg.eval.best_metric} so far ({state.best_value:.4f}): "
+                f"checkpoint step {state.step} kept"
+            )
         if result.stop:
             run.logger.message(f"stopped by signal at step {state.step} (checkpoint saved)")
             return EXIT_OK

@@ -130,6 +130,14 @@ def test_every_recipe_loads():
         (["--train.max_steps=0"], 1, "train.max_steps=0 must be > 0"),
         (["--data.alpha=0"], 1, "data.alpha=0.0 must be in (0, 1]"),
         (["--optim.implementation=apex"], 1, "optim.implementation='apex'; choices: auto, torch"),
+        (["--eval.every_steps=-1"], 1, "eval.every_steps=-1 must be a positive integer, or 0"),
+        (["--eval.batch_size=0"], 1, "eval.batch_size=0 must be > 0"),
+        (
+            ["--eval.every_steps=10", "--eval.best_metric=auc"],
+            1,
+            "eval.best_metric='auc'; choices: mlm_loss, mlm_acc, sampled_acc, disc_loss",
+        ),
+        (["--eval.best_metric=disc_auc"], 1, "eval.best_metric='disc_auc' needs eval.every_steps"),
     ],
 )
 def test_validation_names_the_field(extra, world, message):

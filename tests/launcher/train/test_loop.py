@@ -267,3 +267,33 @@ def test_train_checkpoints_prunes_and_stops_on_nonfinite_runs(tmp_path):
     assert train(engine, FakeStream(), state, run) == EXIT_NONFINITE
     assert (state.step, state.nonfinite_in_a_row, state.nonfinite_steps) == (9, 2, 2)
     assert engine.saved == ["step_00000008"]  # the stop at step 9 writes no checkpoint
+
+
+def test_best_checkpoint_by_held_out_metric_is_saved_and_survives_pruning(tmp_path, monkeypatch):
+    from launcher.train import loop
+
+    figures = iter([5.0, 4.0, 4.5, 3.9, 5.0])  # mlm_loss at steps 0, 2, 4, 6, 8
+    monkeypatch.setattr(loop, "evaluate", lambda *a: {"all": {"mlm_loss": next(figures)}})
+    monkeypatch.setattr(Logger, "log_eval", lambda *a: None)
+    run = make_run(
+        tmp_path,
+        train__max_steps=8,
+        checkpoint__every_steps=100,
+        checkpoint__keep_last=1,
+        eval__every_steps=2,
+        eval__best_metric="mlm_loss",
+    )
+    run.eval_data = object()  # evaluation on (evaluate is replaced)
+    engine = FakeEngine([1.0] * 16)
+    state = TrainState()
+    assert train(engine, FakeStream(), state, run) == EXIT_OK
+    assert engine.saved == ["step_00000002", "step_00000006", "step_00000008"]  # bests + end
+    ckpts = run.cfg.run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "best.json",
+        "step_00000006",
+        "step_00000008",
+    ]
+    best = json.loads((ckpts / "best.json").read_text())
+    assert (best["step"], best["value"], best["metric"]) == (6, 3.9, "mlm_loss")
+    assert state.best_value == 3.9
