@@ -34,7 +34,7 @@ from data_pipeline.corpus import (
     CorpusError,
     ReadStats,
     discover_inputs,
-    read_documents,
+    read_document_pieces,
 )
 from data_pipeline.mixing import language_weights, largest_remainder
 from data_pipeline.tokenizer import (
@@ -52,9 +52,12 @@ MAX_SENTENCE_CHARS = 1000  # longer paragraphs are cut for training only
 
 
 def _sample_paragraphs(inp, count: int, stats: ReadStats) -> Iterator[str]:
+    """The first `count` non-empty normalized paragraphs of a file, in order. Read in pieces
+    (`read_document_pieces`): never more than a piece of one document in memory, however
+    long its lines or documents, and reading stops once `count` are taken."""
     taken = 0
-    for doc in read_documents(inp, stats, DEFAULT_MAX_PARAGRAPH_CHARS):
-        for para in doc:
+    for piece in read_document_pieces(inp, stats, DEFAULT_MAX_PARAGRAPH_CHARS):
+        for para in piece.paragraphs:
             text = normalize_text(para)[:MAX_SENTENCE_CHARS]
             if text:
                 yield text

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+from data_pipeline.corpus import DEFAULT_PIECE_CHARS, ReadStats, discover_inputs, read_documents
 from data_pipeline.manifest import load_manifest
 from data_pipeline.packing import RowPacker
 from data_pipeline.stream import ShardStream
 from data_pipeline.tokenizer import Encoder, load_tokenizer_dir, normalize_text
-from data_pipeline.train_tokenizer import train_tokenizer
+from data_pipeline.train_tokenizer import MAX_SENTENCE_CHARS, _sample_paragraphs, train_tokenizer
 from tests.conftest import SAMPLE_CORPUS
 from tests.conftest import TRICKY_STRINGS as TRICKY
 
@@ -65,6 +66,25 @@ def test_training_is_reproducible_and_released_models_load(tmp_path, small_corpu
     )  # fmt: skip
     with pytest.raises(ValueError, match=r"do not follow DeBERTaV3 .* wrong for \['cls', 'pad'"):
         load_tokenizer_dir(tmp_path / "t5.model")
+
+
+def test_sampling_reads_pieces_and_takes_the_same_paragraphs(tmp_path, small_corpus_dir):
+    """The sample is the first paragraphs in file order, as from whole documents; reading
+    stops after a piece, not after the whole document (a 200 MB line used to be read whole)."""
+    inp = discover_inputs([small_corpus_dir / "en.txt"])[0]
+    whole = [
+        text
+        for doc in read_documents(inp, ReadStats())
+        for text in (normalize_text(p)[:MAX_SENTENCE_CHARS] for p in doc)
+        if text
+    ]
+    assert list(_sample_paragraphs(inp, 500, ReadStats())) == whole[:500]
+    one_document = tmp_path / "eo.txt"  # 400k paragraphs, no blank line: one document
+    one_document.write_text("".join(f"frazo {i}\n" for i in range(400_000)))
+    stats = ReadStats()
+    taken = list(_sample_paragraphs(discover_inputs([one_document])[0], 10, stats))
+    assert taken == [f"frazo {i}" for i in range(10)]
+    assert stats.lines <= DEFAULT_PIECE_CHARS // len("frazo 0") + 1 < 400_000  # one piece
 
 
 def test_normalizer_matches_hf(hf_tokenizer):
