@@ -1,6 +1,7 @@
-"""The fused, row-chunked vocabulary head (model/vocab_loss.py) against the plain computation
-(logits -> cross-entropy -> sampling) and against Hugging Face's DebertaV2ForMaskedLM loss.
-Each comparison has a negative control so it cannot pass vacuously."""
+"""The two vocabulary heads (model/vocab_head.py): the fused, row-chunked one against the plain
+reference (logits -> cross-entropy -> sampling), both inside the RTD step, and the step's MLM
+loss against Hugging Face's DebertaV2ForMaskedLM. Each comparison has a negative control so it
+cannot pass vacuously."""
 
 import pytest
 import torch
@@ -39,7 +40,7 @@ def plain(x, w, b, request):
     return out.loss_sum, out.samples, out.correct
 
 
-def fused_vocab_loss(x, w, b, request, chunk_elements=1 << 25):
+def fused(x, w, b, request, chunk_elements=1 << 25):
     out = FusedVocabHead(chunk_elements)(x, w, b, request)
     assert out.logits is None
     return out.loss_sum, out.samples, out.correct
@@ -53,7 +54,7 @@ def grads(loss, *tensors):
 @pytest.mark.parametrize("chunk_rows", [1, 5, ROWS, 1000])
 def test_fused_equals_plain_in_fp32(chunk_rows):
     x, w, b, request = inputs()
-    loss, samples, correct = fused_vocab_loss(x, w, b, request, chunk_elements=chunk_rows * VOCAB)
+    loss, samples, correct = fused(x, w, b, request, chunk_elements=chunk_rows * VOCAB)
     ref_loss, ref_samples, ref_correct = plain(x, w, b, request)
     assert_close(loss, ref_loss, rtol=1e-6, atol=1e-5)
     assert torch.equal(samples, ref_samples) and samples.unique().numel() > 20
@@ -64,7 +65,7 @@ def test_fused_equals_plain_in_fp32(chunk_rows):
 
     # negative control: other targets give a different loss and different gradients
     shifted = VocabTargets(request.targets.roll(1), request.banned, request.uniforms)
-    other, _, _ = fused_vocab_loss(x, w, b, shifted, chunk_elements=chunk_rows * VOCAB)
+    other, _, _ = fused(x, w, b, shifted, chunk_elements=chunk_rows * VOCAB)
     assert (other - ref_loss).abs() > 1.0
     assert (grads(other, w)[0] - grads(ref_loss, w)[0]).abs().max() > 1e-3
 
@@ -74,7 +75,7 @@ def test_fused_under_bf16_autocast_tracks_plain():
     to bf16 rounding (and differ from the fp32 values by more than the fp32 tolerance)."""
     x, w, b, request = inputs(1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, samples, _ = fused_vocab_loss(x, w, b, request, chunk_elements=8 * VOCAB)
+        loss, samples, _ = fused(x, w, b, request, chunk_elements=8 * VOCAB)
         ref_loss, _, _ = plain(x, w, b, request)
     fp32_loss, _, _ = plain(x, w, b, request)
     assert loss.dtype == torch.float32
@@ -101,7 +102,7 @@ def test_rows_whose_mass_is_on_banned_ids_are_sampled_exactly(grad):
     w.requires_grad_(grad)
     x.requires_grad_(grad)
     with torch.set_grad_enabled(grad):
-        loss, samples, _ = fused_vocab_loss(x, w, b, request, chunk_elements=4 * VOCAB)
+        loss, samples, _ = fused(x, w, b, request, chunk_elements=4 * VOCAB)
         ref_loss, ref_samples, _ = plain(x, w, b, request)
     assert torch.equal(samples, ref_samples)
     assert not request.banned[samples].any()
@@ -122,11 +123,11 @@ def test_without_gradients_keeps_one_chunk_and_gives_the_same_values(monkeypatch
         return empty(*size, **kwargs)
 
     monkeypatch.setattr(torch, "empty", spy)
-    with_grad = fused_vocab_loss(x, w, b, request, chunk_elements=4 * VOCAB)
+    with_grad = fused(x, w, b, request, chunk_elements=4 * VOCAB)
     assert max(widths) == ROWS
     widths.clear()
     with torch.no_grad():
-        loss, samples, correct = fused_vocab_loss(x, w, b, request, chunk_elements=4 * VOCAB)
+        loss, samples, correct = fused(x, w, b, request, chunk_elements=4 * VOCAB)
     assert max(widths) == 4
     assert not loss.requires_grad
     assert_close(loss, with_grad[0].detach())
@@ -136,7 +137,7 @@ def test_without_gradients_keeps_one_chunk_and_gives_the_same_values(monkeypatch
 def test_empty_rows():
     x, w, b, request = inputs()
     empty = VocabTargets(request.targets[:0], request.banned, request.uniforms[:0])
-    loss, samples, correct = fused_vocab_loss(x[:0], w, b, empty)
+    loss, samples, correct = fused(x[:0], w, b, empty)
     assert loss == 0 and samples.numel() == 0 and correct == 0
     gw = grads(loss, w)[0]
     assert gw.shape == w.shape and gw.abs().max() == 0

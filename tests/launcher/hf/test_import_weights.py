@@ -165,7 +165,8 @@ def test_init_errors_name_what_differs(tmp_path, cfg):
 def test_pretrain_init_from_export_loads_every_weight(
     tmp_path, exported, tokenizer_dir, shards_dir
 ):
-    """`launcher/pretrain.py --init.from_dir=EXPORT` with lr 0 (AdamW then changes nothing):
+    """`launcher/pretrain.py --init.from_dir=EXPORT` for one step, which WarmupDecayLR trains at
+    optim.min_lr = 0 (AdamW then changes nothing, weight decay included):
     its checkpoint re-exports to the same weights, E_D = E_G + E_delta included; the same run
     without init.from_dir (negative control) does not."""
     from safetensors.torch import load_file
@@ -173,7 +174,7 @@ def test_pretrain_init_from_export_loads_every_weight(
     from tests.launcher.conftest import run_pretrain
 
     source = exported(0, "gdes")
-    frozen = ("--train.max_steps=1", "--optim.lr=0.0", "--optim.min_lr=0.0")
+    frozen = ("--train.max_steps=1", "--optim.min_lr=0.0")
     init = f"--init.from_dir={source}"
     runs = {
         "init": run_pretrain(tmp_path, "init", tokenizer_dir, shards_dir, init, *frozen),
