@@ -11,20 +11,33 @@ ranks give byte-identical shards. Under mpirun (mpi4py) rank r takes a size-bala
 of the files (machines may differ; the output directory must be a shared filesystem), and
 rank 0 writes the merged manifest once every rank has finished.
 
+Validation split: SHARDS/valid/, a shard directory of its own (same format, its own
+manifest.json), which `launcher.evaluate` reads. By default each language sets aside the
+documents whose keyed text hash u in [0, 1) is below --valid-fraction (0.5%); if they hold
+fewer than --valid-min-chars characters, more are taken in order of u until they do (never
+more than a tenth of the language's documents), and never more than --valid-max-docs
+(data_pipeline/valid_split.py states the rule). The split is a function of the documents'
+texts only, so it too is the same for any --workers, MPI ranks or file order; copies of a
+document share a split. A set-aside document is in no training row: the training shards are
+exactly those the build writes for the file without those documents. The first pass that
+finds them reads and hashes each file once more (no encoding). --valid-fraction 0: no split;
+--valid-input FILES: these files are the split instead (nothing is set aside).
+
 Memory does not grow with the input: a document (or a line) longer than `--piece-chars`
 characters is read, encoded and packed piece by piece, continuing in the same rows, so peak
 memory is set by the piece size, the workers and the shard size (`--shard-rows`), never by
 how long a line or document is.
 
-Crash safety: the old manifest.json is removed before any work, shards are published by
-atomic rename, each finished file leaves a `_build/{lang}.json` record, and manifest.json
-is written last. A killed build re-run with the same command resumes: finished languages
-whose shards still hash correctly are kept, everything else of theirs is rebuilt.
+Crash safety: the old manifest.json (and valid/manifest.json) is removed before any work,
+shards are published by atomic rename, each finished file leaves a `_build/{lang}.json`
+record, valid/manifest.json is written next to last and manifest.json last. A killed build
+re-run with the same command resumes: finished languages whose shards (both splits) still
+hash correctly are kept, everything else of theirs is rebuilt.
 
-Exit status: 0 built (a language that gave no rows is a warning line in the summary);
-2 bad input or settings (the message names the file; no manifest); 3 no input gave a single
-row, every file empty or shorter than one row (the message names each file and why; no
-manifest).
+Exit status: 0 built (a language that gave no rows, or no validation rows, is a warning line
+in the summary); 2 bad input or settings (the message names the file; no manifest); 3 no
+input gave a single row, every file empty or shorter than one row (the message names each
+file and why; no manifest).
 """
 
 from __future__ import annotations
@@ -38,7 +51,6 @@ import multiprocessing as mp
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +61,6 @@ from data_pipeline.corpus import (
     DEFAULT_MAX_PARAGRAPH_CHARS,
     DEFAULT_PIECE_CHARS,
     CorpusError,
-    DocumentPiece,
     InputFile,
     ReadStats,
     discover_inputs,
@@ -58,17 +69,21 @@ from data_pipeline.corpus import (
 from data_pipeline.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
+    SPLIT_TRAIN,
+    SPLIT_VALID,
+    VALID_DIR,
     Manifest,
     ShardRecord,
+    load_manifest,
     write_manifest,
 )
-from data_pipeline.packing import RowPacker, ShardWriter, shard_glob
+from data_pipeline.packing import DocumentSink, Task, shard_glob
 from data_pipeline.tokenizer import Encoder, TokenizerInfo, file_sha256, load_tokenizer_dir
+from data_pipeline.valid_split import DEFAULT_SPLIT, SplitPlan, SplitSettings, plan_split
 
 BUILD_DIR = "_build"
 EXIT_ERROR = 2  # bad input or settings; nothing published for the failed files, no manifest
 EXIT_NO_ROWS = 3  # every input empty or too short for one row; no manifest
-CHUNK_CHARS = 1 << 18  # text per encoder task (whole documents; rows depend on it)
 
 
 @dataclass(frozen=True)
@@ -78,7 +93,7 @@ class BuildSettings:
     max_paragraph_chars: int = DEFAULT_MAX_PARAGRAPH_CHARS
     piece_chars: int = DEFAULT_PIECE_CHARS  # bounds memory only: rows never depend on it
 
-    def key(self, inp: InputFile, tok: TokenizerInfo) -> str:
+    def key(self, inp: InputFile, tok: TokenizerInfo, split: SplitSettings | None) -> str:
         """Identifies one file's output; a finished file is reused only if this matches."""
         st = inp.path.stat()
         blob = json.dumps(
@@ -91,9 +106,24 @@ class BuildSettings:
                 inp.path.name,
                 st.st_size,
                 st.st_mtime_ns,
+                split.as_dict() if split is not None else None,
             ],
         )
         return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Job:
+    """One input file and where its documents go: shards in `root` (the training directory,
+    or valid/ for a --valid-input file), and with `split` the set-aside ones in root/valid."""
+
+    inp: InputFile
+    root: Path
+    split: SplitSettings | None = None
+
+    @property
+    def record_path(self) -> Path:
+        return self.root / BUILD_DIR / f"{self.inp.language}.json"
 
 
 class NoRowsError(CorpusError):
@@ -149,159 +179,166 @@ class _InlinePool:
         pass
 
 
-@dataclass(frozen=True)
-class _Task:
-    """Paragraphs for one encoder task, "\\n"-joined, and how they split into documents.
-
-    `continues`: the first document began in the previous task; `open_end`: the last one
-    goes on in the next task (see `RowPacker.add_flat`).
-    """
-
-    text: str
-    paragraphs_per_doc: list[int]
-    continues: bool
-    open_end: bool
-
-
-def _tasks(pieces: Iterable[DocumentPiece], chunk_chars: int) -> Iterator[_Task]:
-    """Whole documents until about chunk_chars characters, as the packer groups them; a
-    document longer than a piece also ends a task after each of its pieces but the last,
-    which does not change the rows (the packer's open/continued calls) but bounds memory."""
-    paragraphs: list[str] = []
-    counts: list[int] = []
-    chars = 0  # since the last task that ended with a document
-    continues = False
-    for piece in pieces:
-        paragraphs.extend(piece.paragraphs)  # paragraphs never contain "\n": they are lines
-        counts.append(len(piece.paragraphs))
-        chars += sum(map(len, piece.paragraphs))
-        if piece.ends_document and chars < chunk_chars:
-            continue
-        yield _Task("\n".join(paragraphs), counts, continues, not piece.ends_document)
-        paragraphs, counts = [], []
-        continues = not piece.ends_document
-        chars = 0 if piece.ends_document else chars
-    if counts:
-        yield _Task("\n".join(paragraphs), counts, continues, False)
-
-
 # ---- one input file -----------------------------------------------------------------------
 
 
-def _clean_language(out_dir: Path, language: str) -> None:
+def _clean_shards(out_dir: Path, language: str) -> None:
     for p in out_dir.glob(shard_glob(language)):
         p.unlink()
     for p in out_dir.glob(f".{shard_glob(language)}.tmp-*"):
         p.unlink()
-    (out_dir / BUILD_DIR / f"{language}.json").unlink(missing_ok=True)
 
 
-def _finished_record(out_dir: Path, inp: InputFile, key: str) -> dict | None:
-    """The file's record from an earlier run, if it is complete and its shards are intact."""
-    path = out_dir / BUILD_DIR / f"{inp.language}.json"
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-    if record.get("key") != key:
-        return None
-    for s in record["shards"]:
+def _clean_job(job: Job) -> None:
+    _clean_shards(job.root, job.inp.language)
+    if job.split is not None:
+        _clean_shards(job.root / VALID_DIR, job.inp.language)
+    job.record_path.unlink(missing_ok=True)
+
+
+def _intact(out_dir: Path, shards: list[dict]) -> bool:
+    for s in shards:
         shard = out_dir / s["file"]
         if (
             not shard.is_file()
             or shard.stat().st_size != s["bytes"]
             or file_sha256(shard) != s["sha256"]
         ):
-            return None
+            return False
+    return True
+
+
+def _finished_record(job: Job, key: str) -> dict | None:
+    """The file's record from an earlier run, if it is complete and its shards are intact."""
+    if not job.record_path.is_file():
+        return None
+    try:
+        record = json.loads(job.record_path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if record.get("key") != key or not _intact(job.root, record["shards"]):
+        return None
+    if job.split is not None and not _intact(job.root / VALID_DIR, record["valid"]["shards"]):
+        return None
     return record
 
 
-def build_file(inp, settings, tok, out_dir, pool, in_flight, bar) -> dict:
-    """Encode and pack one file into shards; returns its record (shards + statistics)."""
-    key = settings.key(inp, tok)
-    done = _finished_record(out_dir, inp, key)
+def _plan(job: Job, settings: BuildSettings) -> SplitPlan | None:
+    """The first pass over a file that sets documents aside: which ones (read, hash)."""
+    if job.split is None:
+        return None
+    pieces = read_document_pieces(
+        job.inp, ReadStats(), settings.max_paragraph_chars, settings.piece_chars
+    )
+    return plan_split(pieces, job.split)
+
+
+def _pack_file(job: Job, settings, tok, pool, in_flight, bar, stats: ReadStats):
+    """Read, encode and pack one file: (training sink, validation sink or None), closed."""
+    sp = tok.special_ids
+    shape = [settings.seq_len, settings.shard_rows, sp["cls"], sp["sep"]]
+    train = DocumentSink(job.root, job.inp.language, *shape)
+    valid = DocumentSink(job.root / VALID_DIR, job.inp.language, *shape) if job.split else None
+    sinks = [train] if valid is None else [train, valid]
+    pending: collections.deque = collections.deque()  # tasks of both sinks, in order
+
+    def drain(limit: int) -> None:
+        while len(pending) > limit:
+            sink, continues, open_end, result = pending.popleft()
+            bar.update(sink.pack(continues, open_end, result))
+
+    def submit(sink: DocumentSink, task: Task | None) -> None:
+        if task is not None:
+            result = pool.apply_async(_encode_docs, (task.text, task.paragraphs_per_doc))
+            pending.append((sink, task.continues, task.open_end, result))
+            drain(in_flight)
+
+    plan = _plan(job, settings)
+    held_out = plan.held_out if plan is not None else frozenset()
+    position = 0  # in the file, of the document the next piece belongs to
+    for piece in read_document_pieces(
+        job.inp, stats, settings.max_paragraph_chars, settings.piece_chars
+    ):
+        sink = valid if position in held_out else train
+        submit(sink, sink.take(piece))
+        position += piece.ends_document
+    if plan is not None and position != plan.documents:
+        raise CorpusError(
+            f"{job.inp.path}: changed during the build ({plan.documents} documents when the "
+            f"validation split was chosen, {position} now)"
+        )
+    for sink in sinks:
+        submit(sink, sink.cutter.finish())
+    drain(0)
+    for sink in sinks:
+        sink.close()
+    return train, valid
+
+
+def build_file(job: Job, settings, tok, pool, in_flight, bar) -> dict:
+    """Encode and pack one file into shards; returns its record (shards + statistics), with
+    the set-aside documents' shards and statistics under "valid" when the job splits."""
+    inp = job.inp
+    key = settings.key(inp, tok, job.split)
+    done = _finished_record(job, key)
     if done is not None:
         bar.write(
             f"{inp.language}: resumed from an earlier run ({len(done['shards'])} shards)",
             file=sys.stderr,
         )
         return done
-    _clean_language(out_dir, inp.language)
+    _clean_job(job)
     stats = ReadStats()
-    packer = RowPacker(settings.seq_len, tok.special_ids["cls"], tok.special_ids["sep"])
-    writer = ShardWriter(out_dir, inp.language, settings.shard_rows)
-    tokens = unk = 0
-    pending: collections.deque = collections.deque()
-
-    def drain(limit: int) -> None:
-        nonlocal tokens, unk
-        while len(pending) > limit:
-            continues, open_end, result = pending.popleft()
-            flat, doc_lens, n_unk = result.get()
-            writer.add(packer.add_flat(flat, doc_lens, continues, open_end))
-            tokens += len(flat)
-            unk += n_unk
-            bar.update(len(flat))
-
     try:
-        pieces = read_document_pieces(
-            inp, stats, settings.max_paragraph_chars, settings.piece_chars
-        )
-        for task in _tasks(pieces, CHUNK_CHARS):
-            result = pool.apply_async(_encode_docs, (task.text, task.paragraphs_per_doc))
-            pending.append((task.continues, task.open_end, result))
-            drain(in_flight)
-        drain(0)
-        shards = writer.close()
+        train, valid = _pack_file(job, settings, tok, pool, in_flight, bar, stats)
     except BaseException:
-        _clean_language(out_dir, inp.language)  # publish nothing of a failed file
+        _clean_job(job)  # publish nothing of a failed file
         raise
-    lang_stats = stats.as_dict()
-    lang_stats.update(
-        tokens=tokens,
-        unk_tokens=unk,
-        empty_documents=stats.empty_documents + packer.empty_documents,
-        rows=sum(s.rows for s in shards),
-        shards=len(shards),
-        dropped_tail_tokens=packer.tail_tokens,
-    )
+    lang_stats = stats.as_dict() | train.stats()  # read repairs are the whole file's
+    lang_stats["empty_documents"] += stats.empty_documents  # blank runs, and no tokens
     record = {
         "key": key,
         "input": {"file": inp.path.name, "bytes": inp.size},
         "stats": lang_stats,
-        "shards": [s.as_dict() for s in shards],
+        "shards": [s.as_dict() for s in train.shards],
     }
-    tmp = out_dir / BUILD_DIR / f".{inp.language}.json.tmp"
+    if valid is not None:
+        lang_stats["valid_documents"] = valid.documents
+        record["valid"] = {"stats": valid.stats(), "shards": [s.as_dict() for s in valid.shards]}
+    tmp = job.record_path.with_name(f".{inp.language}.json.tmp")
     tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-    os.replace(tmp, out_dir / BUILD_DIR / f"{inp.language}.json")
+    os.replace(tmp, job.record_path)
     return record
 
 
 # ---- the whole build ----------------------------------------------------------------------
 
 
-def assign_files(files: list[InputFile], world_size: int) -> list[list[InputFile]]:
+def assign_jobs(jobs: list[Job], world_size: int) -> list[list[Job]]:
     """Largest file first to the least loaded rank (deterministic)."""
     loads = [0] * world_size
-    shares: list[list[InputFile]] = [[] for _ in range(world_size)]
-    for f in sorted(files, key=lambda f: (-f.size, f.language)):
+    shares: list[list[Job]] = [[] for _ in range(world_size)]
+    for job in sorted(jobs, key=lambda j: (-j.inp.size, j.inp.language, str(j.root))):
         r = min(range(world_size), key=lambda i: (loads[i], i))
-        shares[r].append(f)
-        loads[r] += f.size
-    return [sorted(s, key=lambda f: f.language) for s in shares]
+        shares[r].append(job)
+        loads[r] += job.inp.size
+    return [sorted(s, key=lambda j: (str(j.root), j.inp.language)) for s in shares]
 
 
-def merge_manifest(out_dir: Path, files: list[InputFile], settings, tok) -> Manifest:
+def _records(jobs: list[Job]) -> dict[str, dict]:
     records = {}
-    for f in files:
-        path = out_dir / BUILD_DIR / f"{f.language}.json"
-        if not path.is_file():
-            raise RuntimeError(f"{path} missing: the build of {f.path} did not finish")
-        records[f.language] = json.loads(path.read_text())
-    manifest = Manifest(
-        root=out_dir,
+    for job in jobs:
+        if not job.record_path.is_file():
+            raise RuntimeError(
+                f"{job.record_path} missing: the build of {job.inp.path} did not finish"
+            )
+        records[job.inp.language] = json.loads(job.record_path.read_text())
+    return records
+
+
+def _manifest(root: Path, records: dict[str, dict], settings, tok, build: dict) -> Manifest:
+    return Manifest(
+        root=root,
         seq_len=settings.seq_len,
         languages=sorted(records),
         special_ids=tok.special_ids,
@@ -309,12 +346,28 @@ def merge_manifest(out_dir: Path, files: list[InputFile], settings, tok) -> Mani
         vocab_size=tok.vocab_size,
         shards=[ShardRecord(**s) for lang in sorted(records) for s in records[lang]["shards"]],
         stats={lang: r["stats"] | {"input": r["input"]} for lang, r in records.items()},
-        build={
-            "shard_rows": settings.shard_rows,
-            "max_paragraph_chars": settings.max_paragraph_chars,
-        },
+        build=build,
     )
-    write_manifest(manifest)
+
+
+def merge_manifest(out_dir: Path, jobs: list[Job], settings, tok) -> Manifest:
+    """Write valid/manifest.json (if there is a split), then manifest.json; returns the
+    training manifest. The split's settings are in both manifests' `build.valid`."""
+    train = [j for j in jobs if j.root == out_dir]
+    records = _records(train)
+    build = {"shard_rows": settings.shard_rows, "max_paragraph_chars": settings.max_paragraph_chars}
+    if any(j.split is not None for j in train):
+        build["valid"] = next(j.split for j in train).as_dict()
+        valid = {lang: r["valid"] | {"input": r["input"]} for lang, r in records.items()}
+    else:
+        valid = _records([j for j in jobs if j.root != out_dir])
+        if valid:
+            files = {lang: r["input"]["file"] for lang, r in valid.items()}
+            build["valid"] = {"source": "valid_input", "files": files}
+    if valid:
+        write_manifest(_manifest(out_dir / VALID_DIR, valid, settings, tok, build | SPLIT_VALID))
+    manifest = _manifest(out_dir, records, settings, tok, build | SPLIT_TRAIN)
+    write_manifest(manifest)  # last: a reader sees both splits or neither
     return manifest
 
 
@@ -333,12 +386,12 @@ def why_no_rows(stats: dict, input_bytes: int, seq_len: int) -> str:
     )
 
 
-def _no_rows_message(out_dir: Path, files: list[InputFile], seq_len: int) -> str:
+def _no_rows_message(jobs: list[Job], seq_len: int) -> str:
     lines = ["build produced no rows, no manifest written: every input is empty or too short"]
-    for f in files:
-        record = json.loads((out_dir / BUILD_DIR / f"{f.language}.json").read_text())
+    for job in jobs:
+        record = json.loads(job.record_path.read_text())
         why = why_no_rows(record["stats"], record["input"]["bytes"], seq_len)
-        lines.append(f"  {f.path} ({f.language}): {why}")
+        lines.append(f"  {job.inp.path} ({job.inp.language}): {why}")
     return "\n".join(lines)
 
 
@@ -352,6 +405,38 @@ def _mpi_comm():
     return None
 
 
+def plan_jobs(
+    inputs: list, valid_inputs: list | None, out_dir: Path, valid_split: SplitSettings | None
+) -> list[Job]:
+    """Every file of the build (all input errors before any work): --input files into
+    out_dir, setting documents aside when `valid_split` is on and there are no --valid-input
+    files, which otherwise go into out_dir/valid."""
+    files = discover_inputs(inputs)
+    valid_files = discover_inputs(valid_inputs) if valid_inputs else []
+    both = {f.path.resolve() for f in files} & {f.path.resolve() for f in valid_files}
+    if both:
+        raise CorpusError(
+            f"{', '.join(sorted(map(str, both)))}: given to both --input and --valid-input "
+            "(a document must be in one split only)"
+        )
+    if valid_split is not None:
+        valid_split.check()
+    split = valid_split if valid_split and valid_split.enabled and not valid_files else None
+    jobs = [Job(f, out_dir, split) for f in files]
+    return jobs + [Job(f, out_dir / VALID_DIR) for f in valid_files]
+
+
+def _prepare_dirs(out_dir: Path, jobs: list[Job]) -> None:
+    """Rank 0, before any work: no manifest stays while shards change."""
+    (out_dir / BUILD_DIR).mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    (out_dir / VALID_DIR / MANIFEST_NAME).unlink(missing_ok=True)
+    if any(j.split is not None for j in jobs):
+        (out_dir / VALID_DIR).mkdir(exist_ok=True)
+    if any(j.root != out_dir for j in jobs):  # --valid-input files keep their own records
+        (out_dir / VALID_DIR / BUILD_DIR).mkdir(parents=True, exist_ok=True)
+
+
 def build_shards(
     inputs: list[str],
     tokenizer_dir: str | Path,
@@ -361,14 +446,19 @@ def build_shards(
     shard_rows: int | None = None,
     max_paragraph_chars: int = DEFAULT_MAX_PARAGRAPH_CHARS,
     piece_chars: int = DEFAULT_PIECE_CHARS,
+    valid_split: SplitSettings | None = DEFAULT_SPLIT,
+    valid_inputs: list[str] | None = None,
     progress: bool = True,
     comm=None,
 ) -> Manifest | None:
-    """Build shards + manifest; returns the Manifest on rank 0 (None on other ranks).
+    """Build shards + manifest (and the validation split, out_dir/valid); returns the
+    training Manifest on rank 0 (None on other ranks). `valid_split` None or fraction 0:
+    no split; `valid_inputs`: these files are the split, nothing is set aside.
 
     Raises `NoRowsError` (no manifest written) when no input gives a single row.
     """
-    files = discover_inputs(inputs)  # every input error before any work
+    out_dir = Path(out_dir)
+    jobs = plan_jobs(inputs, valid_inputs, out_dir, valid_split)
     tok = load_tokenizer_dir(tokenizer_dir)
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
@@ -383,13 +473,11 @@ def build_shards(
     if settings.seq_len < 3:
         raise ValueError(f"--seq-len must be >= 3, got {seq_len}")
     rank, world = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
-    out_dir = Path(out_dir)
     if rank == 0:
-        (out_dir / BUILD_DIR).mkdir(parents=True, exist_ok=True)
-        (out_dir / MANIFEST_NAME).unlink(missing_ok=True)  # never stale while shards change
+        _prepare_dirs(out_dir, jobs)
     if comm is not None:
         comm.Barrier()
-    mine = assign_files(files, world)[rank]
+    mine = assign_jobs(jobs, world)[rank]
 
     if workers == 1:
         pool = _InlinePool(str(tok.model_path))
@@ -399,12 +487,13 @@ def build_shards(
     desc = f"rank {rank} encoding" if world > 1 else "encoding"
     bar = tqdm(unit="tok", unit_scale=True, desc=desc, disable=not progress, position=rank)
     error = None
-    rows: dict[str, int] = {}
+    rows: dict[str, int] = {}  # training rows per language
     try:
-        for inp in mine:
-            bar.set_postfix_str(inp.language)
-            record = build_file(inp, settings, tok, out_dir, pool, 2 * workers, bar)
-            rows[inp.language] = record["stats"]["rows"]
+        for job in mine:
+            bar.set_postfix_str(job.inp.language)
+            record = build_file(job, settings, tok, pool, 2 * workers, bar)
+            if job.root == out_dir:
+                rows[job.inp.language] = record["stats"]["rows"]
     except (CorpusError, OSError) as e:
         error = str(e)
     finally:
@@ -416,17 +505,20 @@ def build_shards(
     if errors:
         raise CorpusError("build failed, no manifest written:\n  " + "\n  ".join(errors))
     if not any(n for _, r in gathered for n in r.values()):  # every rank knows: all fail alike
-        raise NoRowsError(_no_rows_message(out_dir, files, settings.seq_len))
+        training = [j for j in jobs if j.root == out_dir]
+        raise NoRowsError(_no_rows_message(training, settings.seq_len))
     if rank != 0:
         return None
-    return merge_manifest(out_dir, files, settings, tok)
+    return merge_manifest(out_dir, jobs, settings, tok)
 
 
-def _summary(manifest: Manifest, seconds: float) -> str:
+def _summary(manifest: Manifest, valid: Manifest | None, seconds: float) -> str:
     lines = [
         f"{'lang':8} {'docs':>8} {'rows':>8} {'tokens':>11} {'unk':>6} {'utf8':>5} "
-        f"{'empty':>6} {'split':>5} {'tail':>6}"
+        f"{'empty':>6} {'split':>5} {'tail':>6} {'v.docs':>6} {'v.rows':>6}"
     ]
+    v_rows = valid.rows_per_language() if valid is not None else {}
+    v_docs = {lang: s["documents"] for lang, s in valid.stats.items()} if valid else {}
     tot_tokens = 0
     for lang in manifest.languages:
         s = manifest.stats[lang]
@@ -434,7 +526,7 @@ def _summary(manifest: Manifest, seconds: float) -> str:
         lines.append(
             f"{lang:8} {s['documents']:>8} {s['rows']:>8} {s['tokens']:>11} {s['unk_tokens']:>6} "
             f"{s['invalid_utf8_lines']:>5} {s['empty_documents']:>6} {s['split_paragraphs']:>5} "
-            f"{s['dropped_tail_tokens']:>6}"
+            f"{s['dropped_tail_tokens']:>6} {v_docs.get(lang, 0):>6} {v_rows.get(lang, 0):>6}"
         )
     rows = sum(s.rows for s in manifest.shards)
     lines.append(
@@ -442,6 +534,24 @@ def _summary(manifest: Manifest, seconds: float) -> str:
         f"{tot_tokens / max(seconds, 1e-9):,.0f} tokens/s over {seconds:.1f} s | "
         f"fingerprint {manifest.fingerprint()[:16]}"
     )
+    if valid is not None:
+        rule = manifest.build["valid"]
+        how = (
+            f"fraction {rule['fraction']}, min {rule['min_chars']} chars, max "
+            f"{rule['max_docs']} docs, seed {rule['seed']}"
+            if rule["source"] == "set_aside"
+            else "from --valid-input"
+        )
+        lines.append(
+            f"validation split: {len(valid.shards)} shards, {sum(v_rows.values())} rows in "
+            f"{valid.root} ({how})"
+        )
+        for lang in manifest.languages:
+            if manifest.stats[lang]["rows"] and not v_rows.get(lang):
+                lines.append(
+                    f"warning: {lang}: no validation rows ({v_docs.get(lang, 0)} documents), "
+                    "no held-out figures for it"
+                )
     for lang in manifest.languages:
         s = manifest.stats[lang]
         if s["rows"] == 0:
@@ -470,7 +580,51 @@ def main(argv: list[str] | None = None) -> int:
         help="most text of one document held at once (longer ones are encoded and packed "
         "piece by piece into the same rows); bounds memory, never changes the output",
     )
+    default = DEFAULT_SPLIT
+    split = ap.add_argument_group(
+        "validation split (OUT/valid/: its own manifest.json and shards, same format)"
+    )
+    split.add_argument(
+        "--valid-fraction",
+        type=float,
+        default=None,
+        help=f"set aside each document whose keyed text hash u in [0, 1) is below this, per "
+        f"language (default {default.fraction}); 0: no validation split",
+    )
+    split.add_argument(
+        "--valid-min-chars",
+        type=int,
+        default=default.min_chars,
+        help="floor: while the set-aside documents of a language hold fewer characters, take "
+        "more in order of u, at most a tenth of its documents (default %(default)s)",
+    )
+    split.add_argument(
+        "--valid-max-docs",
+        type=int,
+        default=default.max_docs,
+        help="cap: at most this many documents per language, those of smallest u "
+        "(default %(default)s)",
+    )
+    split.add_argument(
+        "--valid-seed", type=int, default=default.seed, help="key of the hash (another split)"
+    )
+    split.add_argument(
+        "--valid-input",
+        nargs="+",
+        default=None,
+        metavar="PATH",
+        help="files, directories or globs that are the validation split instead (built like "
+        "--input into OUT/valid; no documents are set aside)",
+    )
     args = ap.parse_args(argv)
+    if args.valid_input and args.valid_fraction is not None:
+        ap.error("--valid-input and --valid-fraction are alternatives: give one of them")
+    valid_split = SplitSettings(
+        fraction=default.fraction if args.valid_fraction is None else args.valid_fraction,
+        min_chars=args.valid_min_chars,
+        max_docs=args.valid_max_docs,
+        seed=args.valid_seed,
+    )
     comm = _mpi_comm()
     t0 = time.perf_counter()
     try:
@@ -483,6 +637,8 @@ def main(argv: list[str] | None = None) -> int:
             shard_rows=args.shard_rows,
             max_paragraph_chars=args.max_paragraph_chars,
             piece_chars=args.piece_chars,
+            valid_split=valid_split,
+            valid_inputs=args.valid_input,
             comm=comm,
         )
     except NoRowsError as e:
@@ -492,7 +648,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
     if manifest is not None:
-        print(_summary(manifest, time.perf_counter() - t0))
+        valid_dir = manifest.root / VALID_DIR
+        has_valid = "valid" in manifest.build
+        valid = load_manifest(valid_dir, check_files=False) if has_valid else None
+        print(_summary(manifest, valid, time.perf_counter() - t0))
     return 0
 
 

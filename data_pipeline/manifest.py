@@ -4,6 +4,9 @@ A shard is an Arrow IPC file holding one record batch with two columns,
 ``input_ids: fixed_size_list<int32>[seq_len]`` and ``lang: string``, all rows of one language.
 ``manifest.json`` is written last (atomically) and lists every shard with its language, rows,
 tokens, bytes and sha256, plus the tokenizer hash, special ids and per-language statistics.
+
+A validation split, when built, is a shard directory of its own in ``VALID_DIR`` (``valid/``)
+under the training directory: the same format, its own manifest.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import pyarrow as pa
 from data_pipeline.tokenizer import file_sha256
 
 MANIFEST_NAME = "manifest.json"
+VALID_DIR = "valid"  # the validation split's shard directory, inside the training one
+SPLIT_TRAIN, SPLIT_VALID = {"split": "train"}, {"split": "valid"}  # in a manifest's build
 FORMAT_NAME = "rtdspeed-shards"
 FORMAT_VERSION = 1
 SPECIAL_KEYS = ("pad", "cls", "sep", "unk", "mask")

@@ -1,15 +1,24 @@
-"""Pack token streams into fixed rows and write them as atomically published Arrow shards."""
+"""Pack token streams into fixed rows and write them as atomically published Arrow shards.
+
+`TaskCutter` groups a stream of documents into encoder tasks (the packer's calls),
+`RowPacker` packs their tokens into rows, `ShardWriter` publishes the rows, and
+`DocumentSink` wires the three for one stream of documents (one split of a file).
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
+from data_pipeline.corpus import DocumentPiece
 from data_pipeline.manifest import ShardRecord, shard_schema
 from data_pipeline.tokenizer import file_sha256
+
+CHUNK_CHARS = 1 << 18  # text per encoder task (whole documents; rows depend on it)
 
 
 class RowPacker:
@@ -162,3 +171,94 @@ class ShardWriter:
         name = shard_name(self.language, len(self.records))
         self.records.append(write_shard(self.out_dir, name, self.language, rows))
         self._count = 0
+
+
+@dataclass(frozen=True)
+class Task:
+    """Paragraphs for one encoder task, "\\n"-joined, and how they split into documents.
+
+    `continues`: the first document began in the previous task; `open_end`: the last one
+    goes on in the next task (see `RowPacker.add_flat`).
+    """
+
+    text: str
+    paragraphs_per_doc: list[int]
+    continues: bool
+    open_end: bool
+
+
+class TaskCutter:
+    """Cuts one stream of pieces into encoder tasks: whole documents until about chunk_chars
+    characters, as the packer groups them; a document longer than a piece also ends a task
+    after each of its pieces but the last, which does not change the rows (the packer's
+    open/continued calls) but bounds memory."""
+
+    def __init__(self, chunk_chars: int):
+        self.chunk_chars = chunk_chars
+        self._paragraphs: list[str] = []
+        self._counts: list[int] = []
+        self._chars = 0  # since the last task that ended with a document
+        self._continues = False
+
+    def add(self, piece: DocumentPiece) -> Task | None:
+        self._paragraphs.extend(piece.paragraphs)  # paragraphs never contain "\n": lines
+        self._counts.append(len(piece.paragraphs))
+        self._chars += sum(map(len, piece.paragraphs))
+        if piece.ends_document and self._chars < self.chunk_chars:
+            return None
+        task = Task(
+            "\n".join(self._paragraphs), self._counts, self._continues, not piece.ends_document
+        )
+        self._paragraphs, self._counts = [], []
+        self._continues = not piece.ends_document
+        self._chars = 0 if piece.ends_document else self._chars
+        return task
+
+    def finish(self) -> Task | None:
+        if not self._counts:
+            return None
+        return Task("\n".join(self._paragraphs), self._counts, self._continues, False)
+
+
+class DocumentSink:
+    """Where one stream of documents goes (one split of a file): pieces in (`take`, which may
+    give an encoder task), encoded tasks in their order (`pack`), shards out, with counts."""
+
+    def __init__(
+        self, out_dir: Path, language: str, seq_len: int, shard_rows: int, cls_id: int, sep_id: int
+    ):
+        self.cutter = TaskCutter(CHUNK_CHARS)
+        self.packer = RowPacker(seq_len, cls_id, sep_id)
+        self.writer = ShardWriter(out_dir, language, shard_rows)
+        self.documents = self.paragraphs = self.chars = self.tokens = self.unk = 0
+        self.shards: list[ShardRecord] = []
+
+    def take(self, piece: DocumentPiece) -> Task | None:
+        self.documents += piece.ends_document
+        self.paragraphs += len(piece.paragraphs)
+        self.chars += sum(map(len, piece.paragraphs))
+        return self.cutter.add(piece)
+
+    def pack(self, continues: bool, open_end: bool, result) -> int:
+        """One task's encoding, (tokens, tokens per document, [UNK] count) from `.get()`."""
+        flat, doc_lens, n_unk = result.get()
+        self.writer.add(self.packer.add_flat(flat, doc_lens, continues, open_end))
+        self.tokens += len(flat)
+        self.unk += n_unk
+        return len(flat)
+
+    def close(self) -> None:
+        self.shards = self.writer.close()
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "documents": self.documents,
+            "paragraphs": self.paragraphs,
+            "chars": self.chars,
+            "tokens": self.tokens,
+            "unk_tokens": self.unk,
+            "empty_documents": self.packer.empty_documents,
+            "rows": sum(s.rows for s in self.shards),
+            "shards": len(self.shards),
+            "dropped_tail_tokens": self.packer.tail_tokens,
+        }

@@ -1,10 +1,13 @@
 """Check a shard directory against its manifest: every shard, every byte.
 
-    python -m data_pipeline.verify SHARDS
+    python -m data_pipeline.verify SHARDS          # and its validation split, SHARDS/valid
+    python -m data_pipeline.verify SHARDS/valid    # the split alone
 
 For each shard: present, size, sha256, Arrow schema, row and token counts, seq_len, every row
-``[CLS] ... [SEP]``, ids inside the vocabulary, the language column. Exits 1 naming every bad
-shard and what is wrong with it, 0 if all is well.
+``[CLS] ... [SEP]``, ids inside the vocabulary, the language column. The validation split,
+when the manifest records one, is checked the same way and must exist and share the training
+shards' tokenizer, special ids and seq_len. Exits 1 naming every bad shard (or manifest) and
+what is wrong with it, 0 if all is well.
 """
 
 from __future__ import annotations
@@ -17,7 +20,15 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from data_pipeline.manifest import Manifest, ShardRecord, check_shard_file, load_manifest
+from data_pipeline.manifest import (
+    MANIFEST_NAME,
+    SPLIT_VALID,
+    VALID_DIR,
+    Manifest,
+    ShardRecord,
+    check_shard_file,
+    load_manifest,
+)
 
 
 def check_shard_content(manifest: Manifest, shard: ShardRecord) -> list[str]:
@@ -60,6 +71,39 @@ def verify(shards_dir: str | Path, progress: bool = True) -> dict[str, list[str]
     return bad
 
 
+def split_problems(train: Manifest, valid: Manifest) -> list[str]:
+    """What makes a validation split unusable beside its training shards."""
+    problems = []
+    if valid.tokenizer_sha256 != train.tokenizer_sha256:
+        problems.append(
+            f"built with another tokenizer (valid: sha256 {valid.tokenizer_sha256[:12]}, "
+            f"training shards: {train.tokenizer_sha256[:12]})"
+        )
+    if valid.special_ids != train.special_ids:
+        problems.append(f"special ids {valid.special_ids}, training shards {train.special_ids}")
+    if valid.seq_len != train.seq_len:
+        problems.append(f"seq_len {valid.seq_len}, training shards {train.seq_len}")
+    return problems
+
+
+def verify_split(train: Manifest, progress: bool = True) -> tuple[Manifest | None, dict]:
+    """(the validation split's manifest or None, its problems) for a training directory;
+    a directory that is itself a split, or records none, has none to check."""
+    path = train.root / VALID_DIR
+    if train.build.get("split") == SPLIT_VALID["split"]:
+        return None, {}
+    if not (path / MANIFEST_NAME).is_file():
+        if "valid" not in train.build:
+            return None, {}
+        missing = f"missing: {train.root / MANIFEST_NAME} records a validation split"
+        return None, {str(path / MANIFEST_NAME): [missing]}
+    valid = load_manifest(path, check_files=False)
+    bad = verify(path, progress)
+    if problems := split_problems(train, valid):
+        bad[str(path / MANIFEST_NAME)] = problems
+    return valid, bad
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m data_pipeline.verify",
@@ -71,19 +115,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manifest = load_manifest(args.shards_dir, check_files=False)
         bad = verify(args.shards_dir)
+        valid, bad_valid = verify_split(manifest)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    bad |= bad_valid
     if bad:
-        print(f"{len(bad)} of {len(manifest.shards)} shards are bad:", file=sys.stderr)
+        total = len(manifest.shards) + (len(valid.shards) if valid is not None else 0)
+        print(f"{len(bad)} of {total} shards are bad:", file=sys.stderr)
         for path, problems in bad.items():
             print(f"  {path}: {'; '.join(problems)}", file=sys.stderr)
         return 1
-    rows = sum(s.rows for s in manifest.shards)
-    print(
-        f"ok: {len(manifest.shards)} shards, {rows} rows x {manifest.seq_len}, "
-        f"{len(manifest.languages)} languages, fingerprint {manifest.fingerprint()[:16]}"
-    )
+    for m in (manifest, valid) if valid is not None else (manifest,):
+        rows = sum(s.rows for s in m.shards)
+        what = "" if m is manifest else f"validation split {m.root}: "
+        print(
+            f"ok: {what}{len(m.shards)} shards, {rows} rows x {m.seq_len}, "
+            f"{len(m.languages)} languages, fingerprint {m.fingerprint()[:16]}"
+        )
     return 0
 
 

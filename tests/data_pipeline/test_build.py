@@ -16,7 +16,7 @@ import pytest
 
 from data_pipeline.build_shards import NoRowsError, build_shards
 from data_pipeline.corpus import CorpusError
-from data_pipeline.manifest import load_manifest
+from data_pipeline.manifest import VALID_DIR, load_manifest
 from data_pipeline.packing import RowPacker
 from data_pipeline.tokenizer import Encoder
 from tests.conftest import PYTHON, REPO_ROOT, SAMPLE_CORPUS, SHARDS_SEQ_LEN, run_env
@@ -36,12 +36,17 @@ def _cli(*args, timeout=300):
 
 
 def _same_tree(a: Path, b: Path) -> None:
-    """Byte-identical shards and manifest (the _build/ resume records are not data)."""
-    names_a = sorted(p.name for p in a.iterdir() if p.is_file())
-    names_b = sorted(p.name for p in b.iterdir() if p.is_file())
-    assert names_a == names_b
-    for name in names_a:
-        assert filecmp.cmp(a / name, b / name, shallow=False), f"{name} differs"
+    """Byte-identical shards and manifests, the validation split's (valid/) included (the
+    _build/ resume records are not data)."""
+    for sub in (".", VALID_DIR):
+        names_a = sorted(p.name for p in (a / sub).glob("*") if p.is_file())
+        names_b = sorted(p.name for p in (b / sub).glob("*") if p.is_file())
+        assert names_a == names_b, sub
+        for name in names_a:
+            assert filecmp.cmp(a / sub / name, b / sub / name, shallow=False), f"{name} differs"
+    assert (a / VALID_DIR / "manifest.json").is_file() == (
+        b / VALID_DIR / "manifest.json"
+    ).is_file()
 
 
 def test_row_packer_frames_rows_and_ignores_batching():
@@ -129,11 +134,23 @@ def test_cli_progress_summary_and_verify(tmp_path, small_corpus_dir, tokenizer_d
     assert proc.returncode == 0, proc.stderr
     assert "tok/s" in proc.stderr  # tqdm bar with a rate
     assert "tokens/s" in proc.stdout and "2 shards" in proc.stdout
-    assert proc.stdout.splitlines()[1].split()[0] == "eo"
+    lines = proc.stdout.splitlines()
+    assert lines[0].split()[-2:] == ["v.docs", "v.rows"] and lines[1].split()[0] == "eo"
+    valid = load_manifest(out / VALID_DIR)
+    assert lines[1].split()[-1] == str(valid.rows_per_language()["eo"])
+    assert lines[-1] == (
+        f"validation split: 2 shards, {sum(s.rows for s in valid.shards)} rows in "
+        f"{out / VALID_DIR} (fraction 0.005, min 100000 chars, max 10000 docs, seed 0)"
+    )
     ok = _cli("data_pipeline.verify", str(out))
     assert ok.returncode == 0 and ok.stdout.startswith("ok: 2 shards")
+    assert ok.stdout.splitlines()[1].startswith(f"ok: validation split {out / VALID_DIR}: 2 shards")
     for module in ("train_tokenizer", "build_shards", "verify"):
         assert _cli(f"data_pipeline.{module}", "--help").returncode == 0
+    usage = _cli("data_pipeline.build_shards", "--help").stdout
+    for flag in ("--valid-fraction", "--valid-min-chars", "--valid-max-docs", "--valid-seed",
+                 "--valid-input", "keyed text hash"):  # fmt: skip
+        assert flag in usage, flag
 
 
 def test_existing_spm_model_without_meta_is_usable(tmp_path, small_corpus_dir, tokenizer_dir):

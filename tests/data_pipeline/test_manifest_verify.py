@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from data_pipeline.manifest import load_manifest
+from data_pipeline.manifest import VALID_DIR, load_manifest
 from tests.conftest import PYTHON, REPO_ROOT, run_env
 
 
@@ -81,3 +81,32 @@ def test_verify_names_every_bad_shard(copy_shards):
     assert f"{flipped}: sha256" in proc.stderr and "does not match the manifest" in proc.stderr
     assert f"{missing}: missing" in proc.stderr
     assert f"{m.shard_path(m.shards[6])}: {m.shards[6].rows} rows, manifest says" in proc.stderr
+
+
+def test_verify_checks_the_validation_split_too(copy_shards):
+    valid = copy_shards / VALID_DIR
+    proc = _verify(copy_shards)
+    assert proc.returncode == 0, proc.stderr
+    m, v = load_manifest(copy_shards), load_manifest(valid)
+    assert proc.stdout.splitlines() == [
+        f"ok: {len(m.shards)} shards, {sum(s.rows for s in m.shards)} rows x 128, 12 "
+        f"languages, fingerprint {m.fingerprint()[:16]}",
+        f"ok: validation split {valid}: {len(v.shards)} shards, "
+        f"{sum(s.rows for s in v.shards)} rows x 128, 12 languages, "
+        f"fingerprint {v.fingerprint()[:16]}",
+    ]
+    flipped = v.shard_path(v.shards[3])
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    flipped.write_bytes(bytes(data))
+    for target in (copy_shards, valid):  # from the training directory, and on its own
+        proc = _verify(target)
+        assert proc.returncode == 1
+        assert f"{flipped}: sha256" in proc.stderr and "does not match the manifest" in proc.stderr
+    (valid / "manifest.json").unlink()
+    proc = _verify(copy_shards)
+    assert proc.returncode == 1
+    assert (
+        f"{valid / 'manifest.json'}: missing: {copy_shards / 'manifest.json'} records a "
+        "validation split"
+    ) in proc.stderr

@@ -7,12 +7,19 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from data_pipeline.corpus import DEFAULT_PIECE_CHARS, ReadStats, discover_inputs, read_documents
-from data_pipeline.manifest import load_manifest
-from data_pipeline.packing import RowPacker
+from data_pipeline.corpus import (
+    DEFAULT_PIECE_CHARS,
+    ReadStats,
+    discover_inputs,
+    read_document_pieces,
+    read_documents,
+)
+from data_pipeline.manifest import VALID_DIR, load_manifest
+from data_pipeline.packing import CHUNK_CHARS, RowPacker
 from data_pipeline.stream import ShardStream
 from data_pipeline.tokenizer import Encoder, load_tokenizer_dir, normalize_text
 from data_pipeline.train_tokenizer import MAX_SENTENCE_CHARS, _sample_paragraphs, train_tokenizer
+from data_pipeline.valid_split import SplitSettings, plan_split
 from tests.conftest import SAMPLE_CORPUS
 from tests.conftest import TRICKY_STRINGS as TRICKY
 
@@ -157,8 +164,9 @@ def test_autotokenizer_loads_the_directory(tokenizer_dir):
     assert tok.mask_token_id == 4 and tok.pad_token_id == 0
 
 
-def _hf_rows(hf, corpus_file, seq_len):
-    """Rows packed from Hugging Face's ids for every paragraph of a CC100 file."""
+def _hf_rows(hf, corpus_file, seq_len, split: SplitSettings) -> dict[bool, np.ndarray]:
+    """Rows packed from Hugging Face's ids for every paragraph of a CC100 file: those of the
+    training documents (False) and those of the validation split's (True)."""
     docs, doc = [], []
     opener = lzma.open if corpus_file.suffix == ".xz" else open
     with opener(corpus_file, "rt", encoding="utf-8") as f:
@@ -175,19 +183,51 @@ def _hf_rows(hf, corpus_file, seq_len):
     ids = hf(flat, add_special_tokens=False)["input_ids"]
     it = iter(ids)
     doc_ids = [np.array([t for _ in d for t in next(it)], dtype=np.int32) for d in docs]
-    return RowPacker(seq_len, 1, 2).add(doc_ids)
+    inp = discover_inputs([corpus_file])[0]
+    held_out = plan_split(read_document_pieces(inp, ReadStats()), split).held_out
+    assert held_out and len(held_out) < len(docs) / 5
+    return {
+        valid: _pack_as_build(
+            [(docs[i], doc_ids[i]) for i in range(len(docs)) if (i in held_out) == valid], seq_len
+        )
+        for valid in (False, True)
+    }
+
+
+def _pack_as_build(docs: list[tuple[list[str], np.ndarray]], seq_len: int) -> np.ndarray:
+    """Pack documents in the packer calls build_shards makes: whole documents until they
+    hold CHUNK_CHARS characters (rows depend on the grouping, see RowPacker)."""
+    packer, rows, group, chars = RowPacker(seq_len, 1, 2), [], [], 0
+    for paragraphs, ids in docs:
+        group.append(ids)
+        chars += sum(map(len, paragraphs))
+        if chars >= CHUNK_CHARS:
+            rows.append(packer.add(group))
+            group, chars = [], 0
+    rows.append(packer.add(group))
+    return np.concatenate(rows)
+
+
+def _written_rows(shards_dir, lang) -> dict[bool, np.ndarray]:
+    out = {}
+    for valid, root in ((False, shards_dir), (True, shards_dir / VALID_DIR)):
+        m, stream = load_manifest(root), ShardStream.open(root)
+        out[valid] = np.concatenate(
+            [stream._shard_array(i) for i, s in enumerate(m.shards) if s.language == lang]
+        )
+    return out
 
 
 def test_written_rows_are_hf_ids(shards_dir, small_corpus_dir, hf_tokenizer):
-    """Every row of the fixture shards equals the rows packed from Hugging Face's ids."""
+    """Every row of the fixture shards, and of their validation split, equals the rows packed
+    from Hugging Face's ids."""
     m = load_manifest(shards_dir)
-    stream = ShardStream.open(shards_dir)
     for lang in m.languages:
-        expected = _hf_rows(hf_tokenizer, small_corpus_dir / f"{lang}.txt", m.seq_len)
-        written = np.concatenate(
-            [stream._shard_array(i) for i, s in enumerate(m.shards) if s.language == lang]
-        )
-        np.testing.assert_array_equal(written, expected, err_msg=lang)
+        split = SplitSettings.from_record(m.build["valid"])
+        expected = _hf_rows(hf_tokenizer, small_corpus_dir / f"{lang}.txt", m.seq_len, split)
+        written = _written_rows(shards_dir, lang)
+        for valid in (False, True):
+            np.testing.assert_array_equal(written[valid], expected[valid], err_msg=lang)
 
 
 @pytest.mark.slow
@@ -197,10 +237,9 @@ def test_whole_sample_corpus_matches_hf(tmp_path, tokenizer_dir, hf_tokenizer):
 
     m = build_shards([SAMPLE_CORPUS], tokenizer_dir, tmp_path / "s", seq_len=256, workers=2,
                      progress=False)  # fmt: skip
-    stream = ShardStream.open(tmp_path / "s")
     for lang in m.languages:
-        expected = _hf_rows(hf_tokenizer, SAMPLE_CORPUS / f"{lang}.txt.xz", m.seq_len)
-        written = np.concatenate(
-            [stream._shard_array(i) for i, s in enumerate(m.shards) if s.language == lang]
-        )
-        np.testing.assert_array_equal(written, expected, err_msg=lang)
+        split = SplitSettings.from_record(m.build["valid"])
+        expected = _hf_rows(hf_tokenizer, SAMPLE_CORPUS / f"{lang}.txt.xz", m.seq_len, split)
+        written = _written_rows(tmp_path / "s", lang)
+        for valid in (False, True):
+            np.testing.assert_array_equal(written[valid], expected[valid], err_msg=lang)

@@ -11,12 +11,14 @@ from data_pipeline.corpus import (
     DEFAULT_MAX_PARAGRAPH_CHARS,
     ReadStats,
     discover_inputs,
+    read_document_pieces,
     read_documents,
 )
-from data_pipeline.manifest import load_manifest
+from data_pipeline.manifest import VALID_DIR, load_manifest
 from data_pipeline.packing import RowPacker
 from data_pipeline.stream import ShardStream
 from data_pipeline.tokenizer import Encoder, load_tokenizer_dir
+from data_pipeline.valid_split import SplitSettings, plan_split
 from launcher.hf.tokenizer import write_tokenizer_files
 from tests.conftest import SAMPLE_CORPUS
 from tests.conftest import TRICKY_STRINGS as TRICKY
@@ -66,19 +68,28 @@ def test_tricky_strings_match_the_pipeline(exported_tokenizer, tokenizer_dir):
 
 def test_fixture_shard_rows_are_exported_tokenizer_ids(exported_tokenizer, shards_dir,
                                                        small_corpus_dir):  # fmt: skip
-    """Every row the pipeline wrote equals the rows packed from the exported tokenizer's ids."""
-    m = load_manifest(shards_dir)
-    stream = ShardStream.open(shards_dir)
-    for lang in m.languages:
-        docs = paragraphs(small_corpus_dir / f"{lang}.txt")
-        ids = exported_tokenizer([p for d in docs for p in d], add_special_tokens=False)
-        it = iter(ids["input_ids"])
-        doc_ids = [np.array([t for _ in d for t in next(it)], dtype=np.int32) for d in docs]
-        expected = RowPacker(m.seq_len, 1, 2).add(doc_ids)
-        written = np.concatenate(
-            [stream._shard_array(i) for i, s in enumerate(m.shards) if s.language == lang]
-        )
-        np.testing.assert_array_equal(written, expected, err_msg=lang)
+    """Every row the pipeline wrote equals the rows packed from the exported tokenizer's ids,
+    in the training shards and in their validation split."""
+    split = SplitSettings.from_record(load_manifest(shards_dir).build["valid"])
+    for root in (shards_dir, shards_dir / VALID_DIR):
+        m = load_manifest(root)
+        stream = ShardStream.open(root)
+        for lang in m.languages:
+            (inp,) = discover_inputs([small_corpus_dir / f"{lang}.txt"])
+            held_out = plan_split(read_document_pieces(inp, ReadStats()), split).held_out
+            docs = [
+                d
+                for i, d in enumerate(paragraphs(inp.path))
+                if (i in held_out) == (root != shards_dir)
+            ]
+            ids = exported_tokenizer([p for d in docs for p in d], add_special_tokens=False)
+            it = iter(ids["input_ids"])
+            doc_ids = [np.array([t for _ in d for t in next(it)], dtype=np.int32) for d in docs]
+            expected = RowPacker(m.seq_len, 1, 2).add(doc_ids)
+            written = np.concatenate(
+                [stream._shard_array(i) for i, s in enumerate(m.shards) if s.language == lang]
+            )
+            np.testing.assert_array_equal(written, expected, err_msg=f"{root} {lang}")
 
 
 @pytest.mark.slow
