@@ -122,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shards", type=Path, default=None)
     ap.add_argument("--seq-len", type=int, default=128, help="for shards built here")
     args = ap.parse_args(argv)
+    # relative to the caller's directory: the runs start in the repository root
+    for name in ("out", "tokenizer", "shards"):
+        if getattr(args, name) is not None:
+            setattr(args, name, getattr(args, name).resolve())
     args.out.mkdir(parents=True, exist_ok=True)
     if args.tokenizer and args.shards:
         tok, shards = args.tokenizer, args.shards
