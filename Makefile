@@ -5,8 +5,10 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+GPU_WHEELS ?= gpu-wheels
 
-.PHONY: venv system-deps demo test lint test-fast bench clean
+.PHONY: venv test-deps system-deps demo test lint test-fast bench gpu-wheels clean
 
 venv: $(STAMP)
 
@@ -30,6 +32,13 @@ $(STAMP): requirements.txt pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
+# test-only packages (requirements-test.txt: triton for the interpreter tests of the GPU kernels)
+test-deps: $(TEST_STAMP)
+
+$(TEST_STAMP): requirements-test.txt $(STAMP)
+	$(BIN)/python -m pip install -q -r requirements-test.txt
+	touch $(TEST_STAMP)
+
 demo: venv
 	$(BIN)/python -m launcher.demo
 
@@ -43,14 +52,32 @@ system-deps:
 	bash scripts/install_system_deps.sh
 	bash docker/install_host_tools.sh
 
-test: lint system-deps
+test: lint system-deps test-deps
 	$(BIN)/python -m pytest tests
 
-test-fast: venv
+test-fast: venv test-deps
 	$(BIN)/python -m pytest tests -m "not slow"
 
 bench: venv
 	$(BIN)/python benchmarks/run_all.py
+
+# For a GPU machine without network (benchmarks/gpu_check.py; docs/performance.md has the
+# command): DeepSpeed as a pure-Python wheel (DS_BUILD_OPS=0: its CUDA ops JIT-build there if
+# nvcc is present) and the wheels of its dependencies that a stock PyTorch image may lack,
+# for CPython 3.10-3.13 on x86_64 and aarch64; about 25 MB, git-ignored.
+GPU_DEPS := hjson==3.1.0 py-cpuinfo==9.0.0 pydantic==2.14.4 pydantic_core==2.50.5 \
+	annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0 msgpack==1.2.4 \
+	ninja==1.13.2 einops==0.8.2 psutil==7.2.2 nvidia-ml-py==13.580.82
+
+gpu-wheels: venv
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	DS_BUILD_OPS=0 $(BIN)/python -m pip wheel -q --no-deps --no-build-isolation --no-cache-dir \
+		-w $(GPU_WHEELS) "$$(grep '^deepspeed==' requirements.txt)"
+	for py in 3.10 3.11 3.12 3.13; do for arch in x86_64 aarch64; do \
+		$(BIN)/python -m pip download -q --no-deps --only-binary=:all: -d $(GPU_WHEELS) \
+			--python-version $$py --platform manylinux2014_$$arch $(GPU_DEPS) || exit 1; \
+	done; done
+	du -sh $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -27,8 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import tomllib
+import torch
 
 from model import DebertaV3Config, check_rtd_options
+from model.backbone import triton_unavailable
+from model.config import check_attention_impl
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,6 +68,9 @@ class ModelSection:
     rtd_weight: float = 50.0  # lambda in loss = MLM + lambda * RTD
     dropout: float = 0.1  # hidden and attention dropout
     gradient_checkpointing: bool = False
+    # attention kernels: "auto" (fused Triton kernels on CUDA when triton imports, else
+    # eager), "eager" (the reference PyTorch path) or "triton" (model/attention_triton.py)
+    attention_impl: str = "auto"
 
 
 @dataclass
@@ -355,6 +361,18 @@ def resolve_path(p: str) -> Path:
     return path if path.is_absolute() or path.exists() else REPO_ROOT / path
 
 
+def check_attention(impl: str) -> None:
+    """model.attention_impl: a known choice, and "triton" only where it can run (CUDA)."""
+    try:
+        check_attention_impl(impl)
+    except ValueError as e:
+        raise ConfigError(f"model.{e}") from None
+    if impl == "triton":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if reason := triton_unavailable(device):
+            raise ConfigError(f"model.attention_impl='triton': {reason}; use auto or eager")
+
+
 def validate(cfg: RunConfig, world_size: int) -> None:
     """Check the values before any process group starts; raise ConfigError naming the field."""
     m, t, o, c = cfg.model, cfg.train, cfg.optim, cfg.checkpoint
@@ -369,6 +387,7 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError(f"model.{e}") from None
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+    check_attention(m.attention_impl)
     positive = {
         "train.global_batch_size": t.global_batch_size,
         "train.micro_batch_size": t.micro_batch_size,

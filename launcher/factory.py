@@ -19,6 +19,7 @@ def model_config(m: ModelSection, tok: TokenizerInfo) -> DebertaV3Config:
         hidden_dropout_prob=m.dropout,
         attention_probs_dropout_prob=m.dropout,
         gradient_checkpointing=m.gradient_checkpointing,
+        attention_impl=m.attention_impl,
     )
 
 

@@ -24,6 +24,7 @@ reachable at length L (2L - 1 up to L = k/2 + 1, at most 2k), V vocabulary.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -137,12 +138,47 @@ class Embeddings(nn.Module):
         return self.dropout(x)
 
 
+@functools.cache
+def _triton_import_error() -> str | None:
+    try:
+        import model.attention_triton  # noqa: F401
+    except ImportError as e:
+        return f"triton does not import ({e})"
+    return None
+
+
+def triton_unavailable(device: torch.device) -> str | None:
+    """Why `attention_impl="triton"` cannot run on `device` (None when it can): it needs the
+    triton package and CUDA, or CPU tensors under Triton's interpreter (the tests)."""
+    if error := _triton_import_error():
+        return error
+    from model import attention_triton
+
+    if device.type != "cuda" and not attention_triton.interpreted():
+        return f"the Triton kernels run on CUDA (here: {device.type}; TRITON_INTERPRET=1 unset)"
+    return None
+
+
+def resolve_attention_impl(name: str, device: torch.device) -> str:
+    """The attention a forward on `device` runs for `DebertaV3Config.attention_impl`: "auto"
+    is "triton" on CUDA when triton imports and "eager" otherwise (the CPU)."""
+    if name == "auto":
+        return "triton" if device.type == "cuda" and _triton_import_error() is None else "eager"
+    if name == "triton" and (reason := triton_unavailable(device)):
+        raise RuntimeError(f"attention_impl='triton': {reason}")
+    return name
+
+
 class DisentangledSelfAttention(nn.Module):
     """Attention with content->content, content->position and position->content scores
-    (DeBERTa eq. 4), scaled by 1/sqrt(3 d) because three terms are summed."""
+    (DeBERTa eq. 4), scaled by 1/sqrt(3 d) because three terms are summed. The eager path
+    below is the reference; `attention_impl` may pick the fused Triton kernels instead
+    (model/attention_triton.py, same semantics)."""
 
     def __init__(self, cfg: DebertaV3Config):
         super().__init__()
+        self.attention_impl = cfg.attention_impl
+        self.buckets = (cfg.position_buckets, cfg.max_relative)
         self.heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
         self.query_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.key_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
@@ -174,6 +210,9 @@ class DisentangledSelfAttention(nn.Module):
         rel = self.pos_dropout(rel_embeddings)
         pos_q = self._split(self.query_proj(rel)) * self.scale  # (heads, S, d)
         pos_k = self._split(self.key_proj(rel)) * self.scale  # (heads, S, d)
+        if resolve_attention_impl(self.attention_impl, x.device) == "triton":
+            ctx = self._triton(q, k, v, pos_q, pos_k, rel_table_index, key_mask)
+            return ctx.permute(1, 2, 0, 3).reshape(batch, length, hidden)  # (B, L, H)
         # Toeplitz tables over distances (gathers on the smallest tensors): (heads, 2L-1, d)
         pos_k = pos_k.index_select(1, rel_table_index)  # column c: distance L-1-c
         pos_q = pos_q.index_select(1, rel_table_index.flip(0))  # column c: distance c-(L-1)
@@ -199,6 +238,23 @@ class DisentangledSelfAttention(nn.Module):
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         """(S, H) -> (heads, S, d)"""
         return x.unflatten(-1, (self.heads, self.head_dim)).transpose(0, 1)
+
+    def _triton(self, q, k, v, pos_q, pos_k, rel_table_index, key_mask) -> torch.Tensor:
+        """The same attention from the fused kernels: c2p and p2c against the S window rows
+        (GEMMs), gathered by distance inside the kernels. Returns (heads, B, L, d)."""
+        from model import attention_triton
+
+        attention_triton.check_buckets(*self.buckets)
+        heads, batch, length, d = q.shape
+        flat = (heads, batch * length, d)
+        c2p = (q.view(flat) @ pos_k.transpose(1, 2)).view(heads * batch, length, -1)  # (N, L, S)
+        p2c = (k.view(flat) @ pos_q.transpose(1, 2)).view(heads * batch, length, -1)  # (N, L, S)
+        q, k, v = (t.view(-1, length, d) for t in (q, k, v))  # (heads B, L, d)
+        ctx = attention_triton.disentangled_attention(
+            q, k, v, c2p, p2c, rel_table_index.flip(0),  # rows by distance -(L-1) .. L-1
+            key_mask, self.scale, self.probs_dropout if self.training else 0.0,
+        )  # fmt: skip
+        return ctx.view(heads, batch, length, d)
 
 
 class DenseResidualNorm(nn.Module):

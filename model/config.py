@@ -17,8 +17,22 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 VOCAB_MULTIPLE = 128
+ATTENTION_IMPLS = ("auto", "eager", "triton")
+# fields of this config that are not Hugging Face's: never written into a config.json
+_NOT_HF = ("gradient_checkpointing", "attention_impl")
 DEBERTA_V3_VOCAB = 128100
 MDEBERTA_V3_VOCAB = 251000
+
+
+def check_attention_impl(name: str) -> None:
+    """Raise ValueError (message starting with the field name) for an unknown attention_impl."""
+    if name == "fused":
+        raise ValueError(
+            "attention_impl='fused' is not available yet (the fused CPU kernel, issue 16); "
+            f"choices: {', '.join(ATTENTION_IMPLS)}"
+        )
+    if name not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl={name!r}; choices: {', '.join(ATTENTION_IMPLS)}")
 
 
 def round_vocab(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
@@ -94,6 +108,9 @@ class DebertaV3Config:
     position_biased_input: bool = False
     pad_token_id: int = 0
     gradient_checkpointing: bool = False  # not an HF field: torch.utils.checkpoint per layer
+    # not an HF field: the attention kernels (model.backbone.resolve_attention_impl), "auto"
+    # (Triton on CUDA when it imports, else eager), "eager" or "triton"
+    attention_impl: str = "auto"
 
     PRESETS: ClassVar[dict[str, dict[str, int]]] = {
         "tiny": {
@@ -132,6 +149,10 @@ class DebertaV3Config:
             raise ValueError(
                 f"DebertaV3Config.num_hidden_layers must be >= 1, got {self.num_hidden_layers}"
             )
+        try:
+            check_attention_impl(self.attention_impl)
+        except ValueError as e:
+            raise ValueError(f"DebertaV3Config.{e}") from None
 
     # -- derived quantities -------------------------------------------------------------
     @property
@@ -164,7 +185,8 @@ class DebertaV3Config:
     def to_hf_dict(self) -> dict[str, Any]:
         """A `config.json` dict for `transformers.DebertaV2Config` (model_type "deberta-v2")."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        del d["gradient_checkpointing"]
+        for name in _NOT_HF:
+            del d[name]
         d["pos_att_type"] = list(self.pos_att_type)
         d.update(
             model_type="deberta-v2",
@@ -181,7 +203,7 @@ class DebertaV3Config:
         model_type = d.get("model_type", "deberta-v2")
         if model_type != "deberta-v2":
             raise ValueError(f"model_type {model_type!r} is not 'deberta-v2'")
-        names = {f.name for f in dataclasses.fields(cls)} - {"gradient_checkpointing"}
+        names = {f.name for f in dataclasses.fields(cls)} - set(_NOT_HF)
         unknown = set(d) - names - _HF_BOOKKEEPING
         if unknown:
             raise ValueError(f"unknown key(s) in HF config dict: {sorted(unknown)}")
