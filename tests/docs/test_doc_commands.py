@@ -97,7 +97,7 @@ def sandbox(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(3000)
 @pytest.mark.parametrize("doc", [str(p.relative_to(REPO_ROOT)) for p in dc.doc_paths()])
 def test_documented_commands_run(doc, sandbox, small_corpus_dir, pytestconfig):
     """The doc's commands in order, in one sandbox (later ones use what earlier ones made)."""

@@ -24,6 +24,7 @@ ARGPARSE_CLIS = [
     "data_pipeline.verify",
     "launcher.hf.export",
     "launcher.analyze",
+    "launcher.evaluate",
     "launcher.demo",  # `make demo`
     "scripts/compare_sharing.py",
     "benchmarks/run_all.py",
