@@ -65,6 +65,7 @@ def build_data(work: Path) -> tuple[Path, Path]:
         ],
         cwd=REPO,
         check=True,
+        stdout=sys.stderr,
     )
     subprocess.run(
         [
@@ -81,6 +82,7 @@ def build_data(work: Path) -> tuple[Path, Path]:
         ],
         cwd=REPO,
         check=True,
+        stdout=sys.stderr,
     )
     return tok, shards
 

@@ -172,7 +172,7 @@ class StagePlan:
 
     @property
     def name(self) -> str:
-        return f"ZeRO-{self.stage}" + (" + offload" if self.offload else "")
+        return f"ZeRO-{self.stage}" + ("+offload" if self.offload else "")
 
 
 @dataclass(frozen=True)

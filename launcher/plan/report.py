@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable
 
 from launcher.config import REPO_ROOT, RunConfig, load_toml, to_toml
@@ -20,7 +21,7 @@ def zero_config(stage: int, offload: bool) -> str:
 
 
 def _row(label: str, stages: list[StagePlan], cell: Callable[[StagePlan], str]) -> str:
-    return f"  {label:<44}" + "".join(f"{cell(s):>16}" for s in stages)
+    return f"  {label:<44}" + "".join(f"{cell(s):>15}" for s in stages)
 
 
 def _gib(x: float | None) -> str:
@@ -53,8 +54,15 @@ def _memory_rows(p: Plan) -> list[str]:
             lambda x: str(x.micro_batch) if x.fits else "none fits",
         ),
         _row("gradient accumulation steps", s, lambda x: str(x.grad_accum) if x.fits else "-"),
-        _row("peak per device / budget", s, lambda x: f"{_gib(x.peak)}/{_gib(x.budget)}"),
-        _row("CPU memory per node (offload)", s, lambda x: _gib(x.states.cpu_per_node)),
+        _row("peak per device", s, lambda x: _gib(x.peak)),
+        _row(
+            f"budget ({1 - margin:.0%} of {p.cluster.gpu_memory_gb:g} GiB)",
+            s,
+            lambda x: _gib(x.budget),
+        ),
+    ] + [  # only when something is offloaded
+        _row("CPU memory per node (offload)", s, lambda x: _gib(x.states.cpu_per_node))
+        for _ in range(any(x.offload for x in s))
     ]
 
 
@@ -97,7 +105,7 @@ def render(p: Plan) -> str:
         f"E_G (shared) {n.shared_embedding:,} | E_D's own table {n.delta_embedding:,} | "
         f"total {n.total:,}",
         "",
-        f"  {'per device, GiB':<44}" + "".join(f"{s.name:>16}" for s in p.stages),
+        f"  {'per device, GiB':<44}" + "".join(f"{s.name:>15}" for s in p.stages),
         *_memory_rows(p),
         "",
         f"  FLOPs per token {p.flops_per_token / 1e9:.2f} GFLOP (model.rtd_flops_per_sample, "
@@ -117,7 +125,13 @@ def render(p: Plan) -> str:
         "  communication: ring collectives, bytes each rank sends (= the busBW a node's links "
         "carry); offloaded optimizer steps are not timed",
     ]
-    return "\n".join(lines)
+    return "\n".join(_wrap(line) for line in lines)
+
+
+def _wrap(line: str, width: int = 108) -> str:
+    """Long text lines (not the table's) folded, continuation lines indented."""
+    indent = " " * (len(line) - len(line.lstrip()) + 2)
+    return textwrap.fill(line, width, subsequent_indent=indent) if len(line) > width else line
 
 
 def recommendation(p: Plan) -> str:

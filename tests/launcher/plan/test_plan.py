@@ -209,4 +209,4 @@ def test_offload_moves_the_optimizer_to_the_cpu():
     a = assumptions(parse_args(["--preset", "mdeberta-base"]))
     s = plan(w, CLUSTER, a, {2: knobs}, (2,)).stages[0]
     assert s.states.optimizer == 0 and s.states.cpu_per_node > 8 * GIB * 0.1
-    assert s.name == "ZeRO-2 + offload"
+    assert s.name == "ZeRO-2+offload"
