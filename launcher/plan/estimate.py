@@ -30,7 +30,10 @@ Sources of every figure (the report names them too):
   ZeRO-1 reduce-scatters them once and all-gathers the updated weights; ZeRO-2 reduce-scatters
   at every micro batch (DeepSpeed reduces each micro batch's gradients into the partition)
   and all-gathers the weights once; ZeRO-3 all-gathers the weights in forward and in backward
-  and reduce-scatters the gradients, at every micro batch.
+  and reduce-scatters the gradients, at every micro batch. Across nodes the collectives are
+  taken as hierarchical (NCCL's rings/trees: reduce inside the node over NVLink, then rings
+  over the nodes), so a node sends the same bytes as one rank of an N = nodes ring; the
+  bandwidth that hides them is those bytes over the step's compute time.
 """
 
 from __future__ import annotations
@@ -164,7 +167,8 @@ class StagePlan:
     budget: float  # device memory minus the safety margin
     step_s: float
     comm: Communication
-    bandwidth_needed: float  # bytes/s each rank must sustain to hide comm behind compute
+    inter_node: float  # bytes each node sends to the others per step (hierarchical rings)
+    bandwidth_needed: float  # bytes/s per node that hide `inter_node` behind the compute
 
     @property
     def fits(self) -> bool:
@@ -302,8 +306,12 @@ def plan_stage(
     compute = w.global_batch * flops_per_sample / (c.world * a.peak_tflops * 1e12 * a.mfu)
     step = compute * (a.zero3_step_ratio if stage == 3 else 1.0)
     comm = communication(stage, params.total, c.world, p, accum)
+    # the ranks of a node reduce among themselves (NVLink) and each node takes part in rings
+    # over the nodes: the same collectives with N = nodes, on the full payload
+    shrink = ((c.nodes - 1) / c.nodes) / ((c.world - 1) / c.world) if c.world > 1 else 0.0
+    inter_node = comm.total * shrink
     if c.node_bandwidth_gbps > 0:  # a known network: the step cannot beat its comm time
-        step = max(step, comm.total * c.gpus_per_node / (c.node_bandwidth_gbps * 1e9 / 8))
+        step = max(step, inter_node / (c.node_bandwidth_gbps * 1e9 / 8))
     return StagePlan(
         stage=stage,
         offload=knobs.offload_optimizer,
@@ -315,7 +323,8 @@ def plan_stage(
         budget=budget,
         step_s=step,
         comm=comm,
-        bandwidth_needed=comm.total / compute,
+        inter_node=inter_node,
+        bandwidth_needed=inter_node / compute,
     )
 
 

@@ -82,10 +82,9 @@ def _time_rows(p: Plan) -> list[str]:
             lambda x: f"{x.comm.reduce_scatter / 1e9:.2f}",
         ),
         _row("all-gather, GB per rank per step", s, lambda x: f"{x.comm.all_gather / 1e9:.2f}"),
+        _row("inter-node, GB per node per step", s, lambda x: f"{x.inter_node / 1e9:.2f}"),
         _row(
-            "bandwidth to hide it, GB/s per rank/node",
-            s,
-            lambda x: f"{x.bandwidth_needed / 1e9:.2f}",
+            "node bandwidth to hide it, Gbit/s", s, lambda x: f"{x.bandwidth_needed * 8 / 1e9:.1f}"
         ),
     ]
 
@@ -122,8 +121,9 @@ def render(p: Plan) -> str:
         "deepspeed.runtime.zero.stage3.estimate_zero3_model_states_mem_needs: 16-bit weights "
         "only, none for ZeRO 0-1)",
         "  activations: model/shapes.py (tensors kept for backward, from the shapes)",
-        "  communication: ring collectives, bytes each rank sends (= the busBW a node's links "
-        "carry); offloaded optimizer steps are not timed",
+        "  communication: ring collectives, bytes each rank sends; across nodes hierarchical "
+        "(a node sends what one rank of a ring over the nodes does); offloaded optimizer steps "
+        "are not timed",
     ]
     return "\n".join(_wrap(line) for line in lines)
 
