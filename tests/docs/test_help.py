@@ -26,6 +26,7 @@ ARGPARSE_CLIS = [
     "launcher.analyze",
     "launcher.demo",  # `make demo`
     "launcher.plan",
+    "launcher.evaluate",
     "scripts/compare_sharing.py",
     "benchmarks/run_all.py",
     "benchmarks/profile_step.py",
