@@ -22,6 +22,7 @@ from launcher.config import BEST_METRICS, RunConfig, to_toml
 from launcher.evaluate import EvalSet, evaluate
 from launcher.train import checkpoint
 from launcher.train.distributed import DistEnv
+from launcher.train.memory import ModelStateProbe
 from launcher.train.metrics import MEAN_KEYS, Logger, memory_metrics, reduce_means
 
 EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE, EXIT_DATA, EXIT_LOST_RANK = 0, 2, 3, 4, 5
@@ -53,6 +54,8 @@ class Run:
     logger: Logger
     eval_data: EvalSet | None = None  # the validation rows, when evaluation is on
     stop_requested: bool = False  # set by SIGTERM/SIGINT
+    memory_probe: ModelStateProbe | None = None  # model-state bytes at the first steps
+    rss_start_gb: float = 0.0  # resident set before the model was built
 
 
 @dataclass
@@ -181,7 +184,10 @@ def window_metrics(engine, window: LogWindow, run: Run, seconds: float, state: T
         tokens_per_s=window.tokens / (seconds * window.steps),
         tokens=state.tokens,
         **memory_metrics(),
+        rss_start_gb=run.rss_start_gb,
     )
+    if run.memory_probe is not None and run.memory_probe.gb is not None:
+        m["model_states_gb"] = run.memory_probe.gb
     tflops = samples * run.flops_per_sample / seconds / run.env.world_size / 1e12
     m.update(tflops_per_rank=tflops, mfu=tflops * 1e12 / run.peak_flops)
     if engine.fp16_enabled():

@@ -62,7 +62,7 @@ from launcher.config import ConfigError, options_help, parse_args, resolve_path,
 from launcher.evaluate import eval_set
 from launcher.factory import build_model
 from launcher.hf.import_weights import InitError, init_from_hf
-from launcher.train import allocator, checkpoint, distributed, dry_run
+from launcher.train import allocator, checkpoint, distributed, dry_run, memory
 from launcher.train.engine import build_engine, with_universal_load, write_ds_config
 from launcher.train.loop import (
     EXIT_CONFIG,
@@ -166,6 +166,7 @@ def setup(pre: Preflight, env: distributed.DistEnv):
         (run_dir / "config.toml").write_text(to_toml(cfg))
     # contents checked above: the stream need not hash the shards again
     stream = ShardStream(manifest, seed=cfg.run.seed, alpha=cfg.data.alpha, verify_hashes=False)
+    rss_start = memory.rss_gb()
     model = build_model(cfg.model, cfg.run.seed, tok)
     plan = None
     if cfg.checkpoint.resume:
@@ -194,6 +195,8 @@ def setup(pre: Preflight, env: distributed.DistEnv):
         logger=Logger(
             run_dir, env.is_main, cfg.log.tensorboard, cfg.train.max_steps, plan.step if plan else 0
         ),
+        memory_probe=memory.ModelStateProbe(engine),
+        rss_start_gb=rss_start,
     )
     if pre.valid_manifest is not None:
         run.eval_data = eval_set(pre.valid_manifest, cfg.eval)

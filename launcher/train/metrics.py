@@ -8,7 +8,9 @@ micro batches and the steps of a log window; token counts summed). TensorBoard t
     optim/lr optim/grad_norm optim/loss_scale (fp16 only) optim/nonfinite_steps
     optim/skipped_steps (DeepSpeed's: fp16 overflow and ZeRO non-finite skips)
     perf/tokens_per_s perf/samples_per_s perf/tflops_per_rank perf/mfu
-    memory/rss_gb memory/cuda_max_allocated_gb (CUDA only)
+    memory/rss_gb (peak) memory/rss_start_gb (before the model was built)
+    memory/model_states_gb (`launcher.train.memory.ModelStateProbe`)
+    memory/cuda_max_allocated_gb (CUDA only)
     tokens/total tokens/<lang>
     eval/<metric> eval/<lang>/<metric> (held-out, `launcher.evaluate.METRICS`; eval.jsonl)
 
@@ -60,6 +62,8 @@ TB_NAMES = {
     "tflops_per_rank": "perf/tflops_per_rank",
     "mfu": "perf/mfu",
     "rss_gb": "memory/rss_gb",
+    "rss_start_gb": "memory/rss_start_gb",
+    "model_states_gb": "memory/model_states_gb",
     "cuda_max_allocated_gb": "memory/cuda_max_allocated_gb",
     "tokens": "tokens/total",
 }

@@ -26,11 +26,14 @@ ARGPARSE_CLIS = [
     "launcher.analyze",
     "launcher.evaluate",
     "launcher.demo",  # `make demo`
+    "launcher.plan",
+    "launcher.evaluate",
     "scripts/compare_sharing.py",
     "benchmarks/run_all.py",
     "benchmarks/profile_step.py",
     "benchmarks/scaling.py",
     "benchmarks/precision.py",
+    "benchmarks/zero3_knobs.py",
 ]
 # What launcher/pretrain.py accepts besides `--section.key=value` (launcher/train/main.py,
 # launcher/config.parse_args).

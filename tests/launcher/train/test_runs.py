@@ -102,6 +102,9 @@ def test_tensorboard_tags_have_sane_values(two_rank):
     last = {t: acc.Scalars(t)[-1].value for t in tags}
     for tag in ("loss/total", "loss/mlm", "loss/rtd", "optim/grad_norm", "memory/rss_gb"):
         assert math.isfinite(last[tag]) and last[tag] > 0, tag
+    # measured model states (launcher.train.memory): less than the process, more than 0
+    assert 0 < last["memory/model_states_gb"] < last["memory/rss_gb"]
+    assert 0 < last["memory/rss_start_gb"] < last["memory/rss_gb"]
     for tag in ("acc/generator", "acc/discriminator", "rtd/precision", "rtd/recall"):
         assert 0.0 <= last[tag] <= 1.0, tag
     assert 0.05 < last["rtd/replaced_frac"] < 0.2  # ~15% masked, some samples equal originals
