@@ -27,7 +27,6 @@ ARGPARSE_CLIS = [
     "launcher.evaluate",
     "launcher.demo",  # `make demo`
     "launcher.plan",
-    "launcher.evaluate",
     "scripts/compare_sharing.py",
     "benchmarks/run_all.py",
     "benchmarks/profile_step.py",
