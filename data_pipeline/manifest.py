@@ -188,7 +188,9 @@ def check_shard_file(manifest: Manifest, shard: ShardRecord, hash_check: bool) -
     return problems
 
 
-def load_manifest(shards_dir: str | Path, check_files: bool = True) -> Manifest:
+def load_manifest(
+    shards_dir: str | Path, check_files: bool = True, cache_dir: Path | None = None
+) -> Manifest:
     """Read `manifest.json` and check every shard's presence, size, schema and row count.
 
     Raises ValueError naming every bad shard. Content hashes are checked by the loader on
@@ -198,7 +200,7 @@ def load_manifest(shards_dir: str | Path, check_files: bool = True) -> Manifest:
     if str(shards_dir).startswith("s3://"):
         from data_pipeline.remote_shards import load_remote_manifest
 
-        return load_remote_manifest(str(shards_dir), check_files=check_files)
+        return load_remote_manifest(str(shards_dir), check_files=check_files, cache_dir=cache_dir)
     root = Path(shards_dir)
     path = root / MANIFEST_NAME
     if not path.is_file():
