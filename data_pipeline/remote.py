@@ -98,7 +98,21 @@ def retry_budget() -> float:
     return value
 
 
-def _transient(e: Exception) -> bool:
+def _sdk_error(e: BaseException) -> BaseException:
+    """The SDK's own error inside a wrapper (boto3's S3UploadFailedError wraps the
+    ClientError or connection error of the transfer that failed)."""
+    from boto3.exceptions import S3UploadFailedError
+
+    seen = 0
+    while isinstance(e, S3UploadFailedError) and seen < 8:
+        inner = e.__cause__ or e.__context__
+        if inner is None:
+            break
+        e, seen = inner, seen + 1
+    return e
+
+
+def _transient(e: BaseException) -> bool:
     from botocore.exceptions import (
         ClientError,
         ConnectionClosedError,
@@ -189,7 +203,8 @@ class ObjectStore:
             attempt += 1
             try:
                 return fn()
-            except Exception as e:  # classified below; the SDK's own exceptions vary
+            except Exception as wrapped:  # classified below; the SDK's own exceptions vary
+                e = _sdk_error(wrapped)
                 if not _transient(e):
                     raise RemoteError(explain(e, what)) from e
                 spent = time.monotonic() - start

@@ -31,14 +31,14 @@ class S3Server:
         self.gets: collections.Counter[str] = collections.Counter()  # "bucket/key" -> GETs
         self.puts: list[str] = []  # "bucket/key" of every PUT, in order
         self._lock = threading.Lock()
-        self._fail_until = 0.0
+        self._fail_until, self._fail_only = 0.0, ""
         self.port = 0
         self._server = None
         self._thread = None
 
     def __call__(self, environ, start_response):  # WSGI
         path = environ.get("PATH_INFO", "").lstrip("/")
-        if time.monotonic() < self._fail_until:
+        if time.monotonic() < self._fail_until and self._fail_only in path:
             start_response("503 Service Unavailable", [("Content-Type", "application/xml")])
             return [b"<Error><Code>ServiceUnavailable</Code><Message>test outage</Message></Error>"]
         method, query = environ["REQUEST_METHOD"], environ.get("QUERY_STRING", "")
@@ -66,9 +66,10 @@ class S3Server:
         self._server.server_close()  # refused from now on, not accepted and left hanging
         self._thread.join()
 
-    def fail_for(self, seconds: float) -> None:
-        """Answer every request with 503 ServiceUnavailable for `seconds`."""
-        self._fail_until = time.monotonic() + seconds
+    def fail_for(self, seconds: float, only: str = "") -> None:
+        """Answer every request (whose path contains `only`) with 503 ServiceUnavailable for
+        `seconds`."""
+        self._fail_until, self._fail_only = time.monotonic() + seconds, only
 
     def env(self) -> dict[str, str]:
         """The standard AWS variables that point a client (boto3, the aws CLI) at it."""
