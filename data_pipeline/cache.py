@@ -279,6 +279,14 @@ class ShardCache:
                     if not done:
                         self._skip.add(sid)
 
+    def summary(self) -> str:
+        st = self.stats
+        return (
+            f"s3 cache {self.dir}: {st.downloads} downloads ({st.bytes / 1e6:.1f} MB, "
+            f"{st.seconds:.1f} s in download threads), {st.evictions} evictions; this rank "
+            f"waited {st.waited_s:.2f} s for shards"
+        )
+
     def close(self) -> None:
         with self._cond:
             self._closed = True

@@ -260,7 +260,10 @@ def main(argv: list[str] | None = None) -> int:
             f"each), step {state.step}/{cfg.train.max_steps}, run dir {cfg.run_dir}, "
             f"TensorBoard: {run.logger.tb_dir}, allocator: {allocator.describe()}"
         )
-        return train(engine, stream, state, run)
+        code = train(engine, stream, state, run)
+        if stream.cache is not None:
+            run.logger.message(stream.cache.summary())
+        return code
     except (checkpoint.ResumeRefused, InitError) as e:
         print(f"rtdspeed: {e}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
