@@ -239,8 +239,11 @@ class ObjectStore:
 
     def upload(self, local: Path, url: S3Url) -> None:
         # boto3's managed transfer (s3transfer: one PUT, or a multipart upload above 8 MiB),
-        # not pyarrow.fs: pyarrow's own multipart upload failed against moto 5.2's server,
-        # the S3 stand-in of our tests, while s3transfer's works there and against AWS.
+        # the client every read here uses too. pyarrow.fs's multipart upload had been seen
+        # failing against moto 5.2's server (our tests' S3 stand-in); with moto 5.2.5 and
+        # pyarrow 26.0.1 it worked when checked (20 and 120 MB objects), so that is not why:
+        # boto3 gives typed errors to classify as transient or not, and reads AWS profiles
+        # and AWS_ENDPOINT_URL_S3 as the aws CLI does.
         self._call(url, lambda: self.client.upload_file(str(local), url.bucket, url.key))
 
     def put_bytes(self, data: bytes, url: S3Url) -> None:

@@ -27,7 +27,7 @@ command (a stale one fails the tests).
 Object storage: a command naming `s3://BUCKET/...` runs against the S3 server of the tests
 (`tests/s3_server.py`: moto's, on 127.0.0.1, in the test process), with the standard AWS
 variables pointing at it, its buckets created and the node cache inside the sandbox
-(`s3_env`).
+(`s3_env`), for that command and the later ones.
 
 Runs as root in CI (`make test` installs system packages): the docker README's `chown -R
 1000` needs it, and Open MPI is told that root is fine (OMPI_ALLOW_RUN_AS_ROOT, the
@@ -310,10 +310,11 @@ def s3_server():
 
 
 def s3_env(script: str, sandbox: Path) -> dict[str, str]:
-    """For a script that names s3:// locations: the AWS variables of the test server, its
-    buckets created, the node cache in the sandbox; {} for any other script."""
+    """For a script that names s3:// locations, and every one after it (`launcher.evaluate
+    --run` reads the s3:// shards its run names): the AWS variables of the test server, the
+    buckets named created, the node cache in the sandbox; {} before the first."""
     buckets = set(S3_BUCKET.findall(script))
-    if not buckets:
+    if not buckets and not s3_server.cache_info().currsize:
         return {}
     import boto3
 

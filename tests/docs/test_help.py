@@ -30,6 +30,8 @@ ARGPARSE_CLIS = [
     "benchmarks/profile_step.py",
     "benchmarks/scaling.py",
     "benchmarks/precision.py",
+    "benchmarks/remote_loader.py",
+    "launcher.evaluate",
 ]
 # What launcher/pretrain.py accepts besides `--section.key=value` (launcher/train/main.py,
 # launcher/config.parse_args).
