@@ -127,7 +127,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shards", help="a local shard directory (uploaded); required")
     ap.add_argument("--tokenizer", help="its tokenizer directory; required")
     ap.add_argument("--samples", type=int, default=20000, help="samples read per loader case")
-    ap.add_argument("--steps", type=int, default=30, help="training steps per training case")
+    ap.add_argument(
+        "--steps", type=int, default=30, help="training steps per case (0: loader cases only)"
+    )
     ap.add_argument("--endpoint", default=None, help="an S3 endpoint to use instead of moto")
     ap.add_argument(
         "--case",
@@ -180,8 +182,9 @@ def run_all(args, endpoint: str) -> int:
     }
     train_env = env | {"RTDSPEED_CACHE_DIR": str(work / "cache-train")}
     tok, steps = args.tokenizer, args.steps
-    cases["train local"] = lambda: train_case(env, args.shards, tok, work, "local", steps)
-    cases["train s3 cold cache"] = lambda: train_case(train_env, url, tok, work, "s3", steps)
+    if steps:
+        cases["train local"] = lambda: train_case(env, args.shards, tok, work, "local", steps)
+        cases["train s3 cold cache"] = lambda: train_case(train_env, url, tok, work, "s3", steps)
     for name, case in cases.items():
         results[name] = report(name, case())
     print("\n| case | tokens/s | median step s | reader waited s | downloads |")

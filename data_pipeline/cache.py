@@ -44,6 +44,7 @@ from data_pipeline.manifest import Manifest
 from data_pipeline.remote import ObjectStore, RemoteError, S3Url
 
 _POLL_S = 0.05
+_UPCOMING_STRETCH = 1024  # samples: the prefetch plan is renewed this often
 _MARKER = ".lock"
 
 
@@ -126,6 +127,7 @@ class ShardCache:
         self._cond = threading.Condition()
         self._seq = np.empty(0, dtype=np.int64)  # planned shard id of each upcoming sample
         self._pos = 0
+        self._plan_id, self._memo_key, self._memo = 0, None, (np.empty(0, dtype=np.int64), {})
         self._busy: set[int] = set()  # being prefetched by this process
         self._skip: set[int] = set()  # prefetch gave up on them at this position
         self._closed = False
@@ -143,23 +145,32 @@ class ShardCache:
         with self._cond:
             self._seq = np.asarray(shard_ids, dtype=np.int64)
             self._pos = 0
+            self._plan_id += 1
             self._skip.clear()
             self._cond.notify_all()
 
     def advance(self, position: int) -> None:
         """Samples of the plan before `position` have been read."""
         with self._cond:
+            stretch = position // _UPCOMING_STRETCH != self._pos // _UPCOMING_STRETCH
             self._pos = position
-            self._skip.clear()
-            self._cond.notify_all()
+            if stretch:  # a new stretch: new shards to prefetch, and those given up retried
+                self._skip.clear()
+                self._cond.notify_all()
 
     def _upcoming(self) -> tuple[np.ndarray, dict[int, int]]:
-        """(distinct shards in order of next use, {shard: samples until its next use})."""
+        """(distinct shards in order of next use, {shard: samples until its next use}), from
+        the start of the current stretch of `_UPCOMING_STRETCH` samples: computed once per
+        stretch, not per micro batch (the prefetch threads would take the reader's cores)."""
         with self._cond:
-            rest = self._seq[self._pos :]
-        ids, first = np.unique(rest, return_index=True)
-        order = np.argsort(first, kind="stable")
-        return ids[order], dict(zip(ids.tolist(), first.tolist(), strict=True))
+            key = (self._plan_id, self._pos // _UPCOMING_STRETCH)
+            if self._memo_key != key:
+                rest = self._seq[key[1] * _UPCOMING_STRETCH :]
+                ids, first = np.unique(rest, return_index=True)
+                order = np.argsort(first, kind="stable")
+                self._memo = ids[order], dict(zip(ids.tolist(), first.tolist(), strict=True))
+                self._memo_key = key
+            return self._memo
 
     # ---- paths -----------------------------------------------------------------------------
 
