@@ -14,8 +14,11 @@ Modules, in data-flow order:
 - `manifest`, `verify`: what a shard directory holds, and the checks that it still does.
 - `mixing`, `permutation`, `stream`: the global sample order, `ShardStream` and the
   `MicroBatch` it yields.
+- `remote`, `remote_shards`, `cache`: shard directories at s3:// locations (boto3), published
+  manifest last, read through a node's verified, bounded, prefetching cache.
 - `torch_dataset`: `RankIterableDataset` for torch DataLoader (the only torch import).
 
 numpy, pyarrow and sentencepiece only (plus `tokenizers` for models whose scores are not on
-the parity grid); never model code or deepspeed. Rank and world size are arguments.
+the parity grid, and boto3 for s3:// locations, imported only when one is used); never model
+code or deepspeed. Rank and world size are arguments.
 """

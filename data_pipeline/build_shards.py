@@ -3,6 +3,7 @@
     python -m data_pipeline.build_shards --input data/cc100-sample --tokenizer TOK \\
         --out SHARDS --seq-len 512 --workers 8
     mpirun -np 16 python -m data_pipeline.build_shards ...   # files split across ranks
+    python -m data_pipeline.build_shards ... --out s3://BUCKET/PREFIX  # object storage
 
 Each input file (one language) is read in order by one process, which batches documents to
 `--workers` encoder processes and packs the results in order, so the rows of a language
@@ -33,6 +34,10 @@ shards are published by atomic rename, each finished file leaves a `_build/{lang
 record, valid/manifest.json is written next to last and manifest.json last. A killed build
 re-run with the same command resumes: finished languages whose shards (both splits) still
 hash correctly are kept, everything else of theirs is rebuilt.
+
+Object storage: `--out s3://BUCKET/PREFIX` builds in a local staging directory, then uploads
+the shards, valid/manifest.json and manifest.json last (the old manifests are deleted
+first), so a reader sees the whole new dataset or none (data_pipeline/remote_shards.py).
 
 Exit status: 0 built (a language that gave no rows, or no validation rows, is a warning line
 in the summary); 2 bad input or settings (the message names the file; no manifest); 3 no
@@ -78,6 +83,8 @@ from data_pipeline.manifest import (
     write_manifest,
 )
 from data_pipeline.packing import DocumentSink, Task, shard_glob
+from data_pipeline.remote import RemoteError, is_remote
+from data_pipeline.remote_shards import RemoteBuild
 from data_pipeline.tokenizer import Encoder, TokenizerInfo, file_sha256, load_tokenizer_dir
 from data_pipeline.valid_split import DEFAULT_SPLIT, SplitPlan, SplitSettings, plan_split
 
@@ -568,7 +575,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--input", nargs="+", required=True, help="files, directories or globs")
     ap.add_argument("--tokenizer", required=True, help="directory with spm.model (or a .model)")
-    ap.add_argument("--out", required=True, help="output shard directory")
+    ap.add_argument(
+        "--out",
+        required=True,
+        help="output shard directory, or s3://BUCKET/PREFIX (built in a local staging "
+        "directory, then uploaded with the manifest last; endpoint and credentials from the "
+        "standard AWS environment)",
+    )
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--workers", type=int, default=1, help="encoder processes (per MPI rank)")
     ap.add_argument("--shard-rows", type=int, default=None, help="default: ~128 MiB per shard")
@@ -627,11 +640,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     comm = _mpi_comm()
     t0 = time.perf_counter()
+    remote = None
     try:
+        if is_remote(args.out):
+            if comm is not None:
+                raise ValueError(
+                    "--out s3://... builds in one process (no mpirun): "
+                    "build to a shared directory under mpirun, then upload it"
+                )
+            remote = RemoteBuild.begin(args.out)
         manifest = build_shards(
             args.input,
             args.tokenizer,
-            args.out,
+            remote.staging if remote else args.out,
             seq_len=args.seq_len,
             workers=args.workers,
             shard_rows=args.shard_rows,
@@ -641,17 +662,20 @@ def main(argv: list[str] | None = None) -> int:
             valid_inputs=args.valid_input,
             comm=comm,
         )
+        if manifest is not None:
+            valid_dir = manifest.root / VALID_DIR
+            has_valid = "valid" in manifest.build
+            valid = load_manifest(valid_dir, check_files=False) if has_valid else None
+            print(_summary(manifest, valid, time.perf_counter() - t0))
+        if remote is not None:
+            sent = remote.finish()
+            print(f"uploaded {sent / 1e6:.1f} MB to {remote.url} (manifest.json last)")
     except NoRowsError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_NO_ROWS
-    except (CorpusError, ValueError, FileNotFoundError) as e:
+    except (CorpusError, ValueError, FileNotFoundError, RemoteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
-    if manifest is not None:
-        valid_dir = manifest.root / VALID_DIR
-        has_valid = "valid" in manifest.build
-        valid = load_manifest(valid_dir, check_files=False) if has_valid else None
-        print(_summary(manifest, valid, time.perf_counter() - t0))
     return 0
 
 

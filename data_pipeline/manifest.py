@@ -69,6 +69,17 @@ class Manifest:
     shards: list[ShardRecord]
     stats: dict = field(default_factory=dict)  # per-language counts: documents, repairs, ...
     build: dict = field(default_factory=dict)
+    # s3:// location of a remote shard directory ("" for a local one); `root` is then the
+    # node's cache directory of the dataset, where `data_pipeline.cache` puts the shards
+    url: str = ""
+
+    @property
+    def location(self) -> str:
+        """Where the shards are, for messages: the s3:// URL or the local directory."""
+        return self.url or str(self.root)
+
+    def shard_location(self, shard: ShardRecord) -> str:
+        return f"{self.url}/{shard.file}" if self.url else str(self.root / shard.file)
 
     def shard_path(self, shard: ShardRecord) -> Path:
         return self.root / shard.file
@@ -119,8 +130,8 @@ def write_manifest(manifest: Manifest) -> Path:
     return path
 
 
-def _parse(root: Path, raw: dict) -> Manifest:
-    where = root / MANIFEST_NAME
+def _parse(root: Path, raw: dict, where: str | Path | None = None) -> Manifest:
+    where = where or root / MANIFEST_NAME
     if raw.get("format") != FORMAT_NAME or raw.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{where}: not a {FORMAT_NAME} v{FORMAT_VERSION} manifest "
@@ -177,12 +188,19 @@ def check_shard_file(manifest: Manifest, shard: ShardRecord, hash_check: bool) -
     return problems
 
 
-def load_manifest(shards_dir: str | Path, check_files: bool = True) -> Manifest:
+def load_manifest(
+    shards_dir: str | Path, check_files: bool = True, cache_dir: Path | None = None
+) -> Manifest:
     """Read `manifest.json` and check every shard's presence, size, schema and row count.
 
     Raises ValueError naming every bad shard. Content hashes are checked by the loader on
-    first use of a shard and by `python -m data_pipeline.verify`.
+    first use of a shard and by `python -m data_pipeline.verify`. An s3:// location is
+    `data_pipeline.remote_shards.load_remote_manifest`'s (objects listed, sizes checked).
     """
+    if str(shards_dir).startswith("s3://"):
+        from data_pipeline.remote_shards import load_remote_manifest
+
+        return load_remote_manifest(str(shards_dir), check_files=check_files, cache_dir=cache_dir)
     root = Path(shards_dir)
     path = root / MANIFEST_NAME
     if not path.is_file():

@@ -15,6 +15,10 @@ Global sample i therefore costs O(1) to locate, so resuming at any consumed-samp
 free, and ranks just take their slice of each global batch: the same global batch size with
 any number of ranks yields the same sequence. Shards are memory-mapped on first use, and a
 shard is hashed against the manifest then (once per process; `verify_hashes=False` skips it).
+A remote (s3://) manifest reads through a `data_pipeline.cache.ShardCache`, which verifies
+each shard as it downloads it; the stream tells the cache the shard of every sample it will
+read next (`plan`, `advance`), so it prefetches and evicts by the known order, and keeps at
+most `_MAX_MAPPED_REMOTE` shards mapped (an evicted file's space is freed once unmapped).
 
 What leaves this module is a `MicroBatch`: the token ids, their languages and global sample
 indices, the optimizer step they belong to, the non-pad tokens per language, and the seed
@@ -32,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from data_pipeline.cache import CacheSettings, ShardCache
 from data_pipeline.manifest import Manifest, load_manifest
 from data_pipeline.mixing import language_weights, largest_remainder
 from data_pipeline.permutation import derive_key, mix64, permute
@@ -41,6 +46,7 @@ DEFAULT_BLOCK_SIZE = 4096
 _BLOCK_STREAM, _ROW_STREAM = 1, 2  # key domains for derive_key
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _LOCATE_CHUNK = 8192  # samples located per numpy pass in rank_batches
+_MAX_MAPPED_REMOTE = 64
 
 
 @dataclass(frozen=True)
@@ -71,10 +77,14 @@ class ShardStream:
         alpha: float = 0.3,
         block_size: int = DEFAULT_BLOCK_SIZE,
         verify_hashes: bool = True,
+        cache: ShardCache | None = None,
     ):
         self.manifest = manifest
         self.seed, self.alpha, self.block_size = int(seed), float(alpha), int(block_size)
-        self.verify_hashes = verify_hashes
+        if manifest.url and cache is None:
+            cache = ShardCache(manifest)
+        self.cache = cache
+        self.verify_hashes = verify_hashes and cache is None  # the cache verifies downloads
         m = self.manifest
         lang_index = {lang: i for i, lang in enumerate(m.languages)}
         rows = m.rows_per_language()
@@ -95,12 +105,24 @@ class ShardStream:
         self._row_key = np.uint64(derive_key(self.seed, _ROW_STREAM))
         self._layouts: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._mapped: list[np.ndarray | None] = [None] * len(m.shards)
+        self._mapped_order: OrderedDict[int, None] = OrderedDict()
         self._pad_id = m.special_ids["pad"]
 
     @classmethod
-    def open(cls, shards_dir: str | Path, **kwargs) -> ShardStream:
-        """The stream of a shard directory (its manifest loaded and checked)."""
-        return cls(load_manifest(shards_dir), **kwargs)
+    def open(
+        cls, shards_dir: str | Path, cache_settings: CacheSettings | None = None, **kwargs
+    ) -> ShardStream:
+        """The stream of a shard directory or s3:// location (its manifest loaded and
+        checked; a remote one read through a cache with `cache_settings`)."""
+        manifest = load_manifest(shards_dir)
+        if manifest.url:
+            kwargs["cache"] = ShardCache(manifest, cache_settings or CacheSettings())
+        return cls(manifest, **kwargs)
+
+    def close(self) -> None:
+        """Stop the cache's prefetch threads (a local stream holds none)."""
+        if self.cache is not None:
+            self.cache.close()
 
     # ---- the order -------------------------------------------------------------------------
 
@@ -156,6 +178,8 @@ class ShardStream:
             return ids
         m = self.manifest
         shard = m.shards[shard_id]
+        if self.cache is not None:
+            return self._map_remote(shard_id)
         path = m.shard_path(shard)
         if self.verify_hashes:
             digest = file_sha256(path)
@@ -165,9 +189,23 @@ class ShardStream:
                     f"manifest says {shard.sha256[:16]}...); rebuild it or run "
                     f"`python -m data_pipeline.verify {m.root}`"
                 )
-        batch = pa.ipc.open_file(pa.memory_map(str(path))).get_batch(0)  # keeps the map alive
-        ids = batch.column(0).values.to_numpy(zero_copy_only=True).reshape(-1, m.seq_len)
+        ids = self._mapped[shard_id] = _map(path, m.seq_len)
+        return ids
+
+    def _map_remote(self, shard_id: int) -> np.ndarray:
+        for attempt in range(3):
+            path = self.cache.path(shard_id)
+            try:
+                ids = _map(path, self.manifest.seq_len)
+                break
+            except FileNotFoundError:  # evicted by another rank between download and map
+                if attempt == 2:
+                    raise
         self._mapped[shard_id] = ids
+        self._mapped_order[shard_id] = None
+        if len(self._mapped_order) > _MAX_MAPPED_REMOTE:
+            old, _ = self._mapped_order.popitem(last=False)
+            self._mapped[old] = None
         return ids
 
     def _shard_rows(self, lang: np.ndarray, row: np.ndarray) -> tuple[list[int], list[int]]:
@@ -228,8 +266,12 @@ class ShardStream:
             index = (begin[:, None] + offsets).reshape(-1)
             lang, row = self.locate(index)
             shards, rows = self._shard_rows(lang, row)
+            if self.cache is not None:
+                self.cache.plan(shards)
             for c in range(chunk):
                 sl = slice(c * m, (c + 1) * m)
+                if self.cache is not None:
+                    self.cache.advance(c * m)
                 ids = self._gather(shards[sl], rows[sl])
                 yield MicroBatch(
                     input_ids=ids,
@@ -257,6 +299,12 @@ class ShardStream:
             "languages": list(m.languages),
             "manifest": m.fingerprint(),
         }
+
+
+def _map(path: Path, seq_len: int) -> np.ndarray:
+    """(rows, seq_len) int32 view of a memory-mapped Arrow shard (the view keeps the map)."""
+    batch = pa.ipc.open_file(pa.memory_map(str(path))).get_batch(0)
+    return batch.column(0).values.to_numpy(zero_copy_only=True).reshape(-1, seq_len)
 
 
 def check_batch_geometry(global_batch: int, micro_batch: int, rank: int, world: int) -> int:

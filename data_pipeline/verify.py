@@ -2,6 +2,7 @@
 
     python -m data_pipeline.verify SHARDS          # and its validation split, SHARDS/valid
     python -m data_pipeline.verify SHARDS/valid    # the split alone
+    python -m data_pipeline.verify s3://BUCKET/PREFIX   # every object streamed and hashed
 
 For each shard: present, size, sha256, Arrow schema, row and token counts, seq_len, every row
 ``[CLS] ... [SEP]``, ids inside the vocabulary, the language column. The validation split,
@@ -29,6 +30,8 @@ from data_pipeline.manifest import (
     check_shard_file,
     load_manifest,
 )
+from data_pipeline.remote import RemoteError, join
+from data_pipeline.remote_shards import verify_remote
 
 
 def check_shard_content(manifest: Manifest, shard: ShardRecord) -> list[str]:
@@ -56,6 +59,8 @@ def check_shard_content(manifest: Manifest, shard: ShardRecord) -> list[str]:
 def verify(shards_dir: str | Path, progress: bool = True) -> dict[str, list[str]]:
     """{shard path: problems} for every bad shard (empty dict when all is well)."""
     manifest = load_manifest(shards_dir, check_files=False)
+    if manifest.url:  # each object streamed to a temporary file, then checked the same way
+        return verify_remote(manifest, check_shard_content)
     bad: dict[str, list[str]] = {}
     total = sum(s.bytes for s in manifest.shards)
     with tqdm(
@@ -89,18 +94,19 @@ def split_problems(train: Manifest, valid: Manifest) -> list[str]:
 def verify_split(train: Manifest, progress: bool = True) -> tuple[Manifest | None, dict]:
     """(the validation split's manifest or None, its problems) for a training directory;
     a directory that is itself a split, or records none, has none to check."""
-    path = train.root / VALID_DIR
+    path = join(train.location, VALID_DIR)
     if train.build.get("split") == SPLIT_VALID["split"]:
         return None, {}
-    if not (path / MANIFEST_NAME).is_file():
+    try:
+        valid = load_manifest(path, check_files=False)
+    except FileNotFoundError:
         if "valid" not in train.build:
             return None, {}
-        missing = f"missing: {train.root / MANIFEST_NAME} records a validation split"
-        return None, {str(path / MANIFEST_NAME): [missing]}
-    valid = load_manifest(path, check_files=False)
+        missing = f"missing: {join(train.location, MANIFEST_NAME)} records a validation split"
+        return None, {str(join(path, MANIFEST_NAME)): [missing]}
     bad = verify(path, progress)
     if problems := split_problems(train, valid):
-        bad[str(path / MANIFEST_NAME)] = problems
+        bad[str(join(path, MANIFEST_NAME))] = problems
     return valid, bad
 
 
@@ -116,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = load_manifest(args.shards_dir, check_files=False)
         bad = verify(args.shards_dir)
         valid, bad_valid = verify_split(manifest)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RemoteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     bad |= bad_valid
@@ -128,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for m in (manifest, valid) if valid is not None else (manifest,):
         rows = sum(s.rows for s in m.shards)
-        what = "" if m is manifest else f"validation split {m.root}: "
+        what = "" if m is manifest else f"validation split {m.location}: "
         print(
             f"ok: {what}{len(m.shards)} shards, {rows} rows x {m.seq_len}, "
             f"{len(m.languages)} languages, fingerprint {m.fingerprint()[:16]}"

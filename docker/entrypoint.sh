@@ -12,7 +12,7 @@ usage: rtdspeed COMMAND [ARGS...]     (in the image: docker run IMAGE COMMAND [A
 
   train-tokenizer ARGS   python -m data_pipeline.train_tokenizer ARGS
   build-shards ARGS      python -m data_pipeline.build_shards ARGS
-  verify-shards DIR      python -m data_pipeline.verify DIR
+  verify-shards DIR      python -m data_pipeline.verify DIR (or s3://BUCKET/PREFIX)
   pretrain ARGS          python launcher/pretrain.py ARGS (one process)
   export ARGS            python -m launcher.hf.export ARGS
   demo                   python -m launcher.demo (the whole pipeline on the bundled sample)

@@ -75,9 +75,16 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    shards_dir: str = ""  # data_pipeline.build_shards output (manifest.json + Arrow shards)
-    tokenizer_dir: str = ""  # data_pipeline.train_tokenizer output (spm.model)
+    # data_pipeline.build_shards output (manifest.json + Arrow shards): a directory or
+    # s3://BUCKET/PREFIX (endpoint and credentials from the standard AWS environment)
+    shards_dir: str = ""
+    tokenizer_dir: str = ""  # data_pipeline.train_tokenizer output (spm.model); or s3://
     alpha: float = 0.3  # language sampling q_i ~ n_i^alpha
+    # This node's cache of s3:// shards and tokenizers, shared by its ranks; "":
+    # $RTDSPEED_CACHE_DIR/remote (default ~/.cache/rtdspeed/remote)
+    cache_dir: str = ""
+    cache_limit_gb: float = 0.0  # most GB of s3:// shards cached per node; 0: no limit
+    prefetch_shards: int = 8  # s3:// shards downloaded ahead of use (background threads)
 
 
 @dataclass
@@ -434,5 +441,19 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     for name in ("max_samples_per_language", "batch_size"):
         if getattr(e, name) <= 0:
             raise ConfigError(f"eval.{name}={getattr(e, name)} must be > 0")
-    if not 0.0 < cfg.data.alpha <= 1.0:
-        raise ConfigError(f"data.alpha={cfg.data.alpha} must be in (0, 1]")
+    check_data(cfg.data)
+
+
+def check_data(d: DataSection) -> None:
+    if not 0.0 < d.alpha <= 1.0:
+        raise ConfigError(f"data.alpha={d.alpha} must be in (0, 1]")
+    if d.cache_limit_gb < 0:
+        raise ConfigError(f"data.cache_limit_gb={d.cache_limit_gb} must be >= 0 (0: no limit)")
+    if d.prefetch_shards < 0:
+        raise ConfigError(f"data.prefetch_shards={d.prefetch_shards} must be >= 0 (0: none)")
+    for name in ("shards_dir", "tokenizer_dir"):
+        value = getattr(d, name)
+        if value.startswith("s3:") and not value.startswith("s3://"):
+            raise ConfigError(f"data.{name}={value!r}: write s3://BUCKET/PREFIX")
+        if value.startswith("s3://") and not value[5:].split("/")[0]:
+            raise ConfigError(f"data.{name}={value!r}: no bucket name (s3://BUCKET/PREFIX)")

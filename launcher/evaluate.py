@@ -35,8 +35,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data_pipeline.manifest import Manifest, load_manifest, tokenizer_mismatch
-from launcher.config import EvalSection
+from data_pipeline.manifest import Manifest, tokenizer_mismatch
+from data_pipeline.remote import RemoteError, join
+from launcher.config import DataSection, EvalSection
+from launcher.data import open_cache, open_manifest
 from launcher.factory import build_model
 from launcher.hf.import_weights import InitError, init_from_hf
 from launcher.runs import RunError, consolidated_state_dict, load_run, select_checkpoint
@@ -62,20 +64,24 @@ class EvalError(RuntimeError):
     """No usable validation split; the message says how to get one."""
 
 
-def valid_dir(shards_dir: str | Path) -> Path:
-    return Path(shards_dir) / VALID_DIR
+def valid_dir(shards_dir: str | Path) -> str | Path:
+    return join(shards_dir, VALID_DIR)
 
 
-def load_validation(shards_dir: str | Path, tokenizer_sha256: str) -> Manifest:
-    """The validation split of a shard directory, built with this tokenizer."""
+def load_validation(
+    shards_dir: str | Path, tokenizer_sha256: str, data: DataSection | None = None
+) -> Manifest:
+    """The validation split of a shard directory (or s3:// location; `data`: its cache
+    settings), built with this tokenizer."""
     path = valid_dir(shards_dir)
-    if not (path / "manifest.json").is_file():
+    try:
+        manifest = open_manifest(data or DataSection(), str(path))
+    except FileNotFoundError:
         raise EvalError(
             f"{shards_dir} has no validation split ({path}/manifest.json); rebuild the shards "
             "with data_pipeline.build_shards (it sets documents aside by default, "
             "--valid-fraction), or turn evaluation off with --eval.every_steps=0"
-        )
-    manifest = load_manifest(path)
+        ) from None
     if hashes := tokenizer_mismatch(manifest, tokenizer_sha256):
         raise EvalError(f"{path} was built with a different tokenizer {hashes}")
     if not sum(manifest.rows_per_language().values()):
@@ -101,15 +107,28 @@ class EvalSet:
         return self.input_ids[rows], self.lang[rows]
 
 
-def eval_set(manifest: Manifest, settings: EvalSection) -> EvalSet:
-    """The first `max_samples_per_language` rows of each language, in manifest order."""
+def eval_set(manifest: Manifest, settings: EvalSection, data: DataSection | None = None) -> EvalSet:
+    """The first `max_samples_per_language` rows of each language, in manifest order (a
+    remote split's shards downloaded through the node's cache, `data`'s settings)."""
+    cache = open_cache(manifest, data or DataSection(), prefetch=False)
+    try:
+        return _eval_rows(manifest, settings, cache)
+    finally:
+        if cache is not None:
+            cache.close()
+
+
+def _eval_rows(manifest: Manifest, settings: EvalSection, cache) -> EvalSet:
     ids, langs = [], []
     for li, lang in enumerate(manifest.languages):
         need = settings.max_samples_per_language
-        for shard in (s for s in manifest.shards if s.language == lang):
+        for i, shard in enumerate(manifest.shards):
+            if shard.language != lang:
+                continue
             if need <= 0:
                 break
-            with pa.memory_map(str(manifest.shard_path(shard))) as mm:
+            path = cache.path(i) if cache is not None else manifest.shard_path(shard)
+            with pa.memory_map(str(path)) as mm:
                 batch = pa.ipc.open_file(mm).get_batch(0)
                 rows = batch.column(0).values.to_numpy().reshape(-1, manifest.seq_len)[:need]
                 ids.append(rows.copy())
@@ -246,13 +265,13 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 # -- standalone ----------------------------------------------------------------------------
 def model_from_run(run_dir: str, step: int | None):
-    """(RTDModel with the checkpoint's fp32 weights, its step, the run's shards dir, the
-    tokenizer hash, the run's eval settings)."""
+    """(RTDModel with the checkpoint's fp32 weights, its step, the run's data section (shards
+    and cache), the tokenizer hash, the run's eval settings)."""
     run = load_run(run_dir)
     found, tag_dir = select_checkpoint(run.run_dir, step)
     model = build_model(run.cfg.model, run.cfg.run.seed, run.tokenizer)
     model.load_state_dict(consolidated_state_dict(tag_dir), strict=True)
-    return model, found, run.cfg.data.shards_dir, run.tokenizer.sha256, run.cfg.eval
+    return model, found, run.cfg.data, run.tokenizer.sha256, run.cfg.eval
 
 
 def model_from_export(export_dir: str):
@@ -304,22 +323,23 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.run:
-            model, step, shards, tok_sha, settings = model_from_run(args.run, args.step)
+            model, step, data, tok_sha, settings = model_from_run(args.run, args.step)
         else:
             model, step, tok_sha = model_from_export(args.export)
-            shards, settings = None, EvalSection()
-        shards = args.shards or shards
+            data, settings = DataSection(), EvalSection()
+        shards = args.shards or data.shards_dir
         if not shards:
             raise EvalError("--shards is needed with --export")
+        shards = str(shards)
         if args.max_samples_per_language is not None:
             settings.max_samples_per_language = args.max_samples_per_language
         seed = settings.mask_seed if args.mask_seed is None else args.mask_seed
-        data = eval_set(load_validation(shards, tok_sha), settings)
-    except (RunError, EvalError, InitError, ValueError, OSError) as e:
+        rows = eval_set(load_validation(shards, tok_sha, data), settings, data)
+    except (RunError, EvalError, InitError, ValueError, OSError, RemoteError) as e:
         print(f"rtdspeed evaluate: error: {e}", file=sys.stderr)
         return 2
-    results = evaluate(model, data, seed)
-    print(f"step {step}, {len(data.lang)} rows of {valid_dir(shards)}, mask seed {seed}\n")
+    results = evaluate(model, rows, seed)
+    print(f"step {step}, {len(rows.lang)} rows of {valid_dir(shards)}, mask seed {seed}\n")
     print(table(results), end="")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

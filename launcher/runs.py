@@ -24,8 +24,10 @@ from deepspeed.utils.tensor_fragment import fragment_address
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from data_pipeline.manifest import Manifest, load_manifest, tokenizer_mismatch
+from data_pipeline.remote import RemoteError, is_remote
 from data_pipeline.tokenizer import TokenizerInfo, load_tokenizer_dir
-from launcher.config import ConfigError, RunConfig, load_toml, resolve_path
+from launcher.config import ConfigError, RunConfig, load_toml
+from launcher.data import cache_root, shards_location, tokenizer_path
 from launcher.factory import build_model
 from launcher.hf.mapping import to_hf
 from launcher.train.checkpoint import complete_tags
@@ -62,16 +64,19 @@ def load_run(run_dir: str | Path, tokenizer_dir: str | None = None) -> RunFiles:
     source = "--tokenizer" if tokenizer_dir else f"data.tokenizer_dir in {config_path}"
     tok_dir = tokenizer_dir or cfg.data.tokenizer_dir
     try:
-        tok = load_tokenizer_dir(resolve_path(tok_dir))
-    except (FileNotFoundError, ValueError) as e:
+        tok = load_tokenizer_dir(tokenizer_path(cfg.data, tok_dir))
+    except (FileNotFoundError, ValueError, RemoteError) as e:
         raise RunError(
             f"tokenizer not found or unusable ({source} = {tok_dir!r}): {e}\n"
             "The export needs the run's spm.model; pass --tokenizer DIR if it moved."
         ) from None
     manifest = None
-    shards = resolve_path(cfg.data.shards_dir) if cfg.data.shards_dir else None
-    if shards is not None and (shards / "manifest.json").is_file():
-        manifest = load_manifest(shards, check_files=False)
+    shards = shards_location(cfg.data) if cfg.data.shards_dir else None
+    if shards is not None and (is_remote(shards) or (shards / "manifest.json").is_file()):
+        try:
+            manifest = load_manifest(shards, check_files=False, cache_dir=cache_root(cfg.data))
+        except (RemoteError, FileNotFoundError) as e:
+            raise RunError(f"the run's shards (data.shards_dir = {shards}): {e}") from None
         if hashes := tokenizer_mismatch(manifest, tok.sha256):
             raise RunError(
                 f"tokenizer {tok.model_path} is not the one the run's shards ({shards}) were "

@@ -120,3 +120,52 @@ def copy_shards(tmp_path, shards_dir):
     dst = tmp_path / "shards"
     shutil.copytree(shards_dir, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3-compatible server on 127.0.0.1 for the whole session (tests/s3_server.py)."""
+    import logging
+
+    from tests.s3_server import S3Server
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+    server = S3Server()
+    server.start()
+    yield server
+    server.stop()
+
+
+class S3Bucket:
+    def __init__(self, server, name: str):
+        import boto3
+
+        self.server, self.name = server, name
+        self.client = boto3.client("s3")
+        self.client.create_bucket(Bucket=name)
+
+    def url(self, prefix: str) -> str:
+        return f"s3://{self.name}/{prefix}"
+
+    def gets(self, prefix: str) -> dict[str, int]:
+        """{key under prefix: GET requests the server answered}."""
+        head = f"{self.name}/{prefix}/"
+        return {k[len(head) :]: n for k, n in self.server.gets.items() if k.startswith(head)}
+
+    def exists(self, key: str) -> bool:
+        listed = self.client.list_objects_v2(Bucket=self.name, Prefix=key).get("Contents", [])
+        return any(o["Key"] == key for o in listed)
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch, tmp_path) -> S3Bucket:
+    """A fresh bucket on the loopback server; the standard AWS variables point at it (for
+    this process and the subprocesses it starts), the node cache is under tmp_path and the
+    retry budget is 5 s."""
+    import uuid
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("RTDSPEED_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("RTDSPEED_S3_RETRY_SECONDS", "5")
+    return S3Bucket(s3_server, f"rtd-{uuid.uuid4().hex[:12]}")

@@ -26,6 +26,7 @@ from launcher.train.memory import ModelStateProbe
 from launcher.train.metrics import MEAN_KEYS, Logger, memory_metrics, reduce_means
 
 EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE, EXIT_DATA, EXIT_LOST_RANK = 0, 2, 3, 4, 5
+EXIT_STORAGE = 6  # the object store stayed unreachable past the retry budget
 
 
 @dataclass

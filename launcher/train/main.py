@@ -38,10 +38,13 @@ Exit codes: 0 done, or stopped by SIGTERM/SIGINT after saving a checkpoint (unde
 `deepspeed` launcher its own launch.py then reports 1 for the signal); 2 invalid config or
 refused resume (nothing started); 3 stopped after `train.max_nonfinite_in_a_row` non-finite
 steps in a row (no checkpoint written for them); 4 a shard's content does not match its
-manifest (found at start, before training; the message names every bad file); 5 another rank
-died or hung (this rank lost contact with it; the launcher's own line names the rank that
-exited and its signal, `return code = -9` for SIGKILL); the same command resumes from the
-last complete checkpoint. Tracebacks of such failures go to RUN/logs/rank<R>.log.
+manifest (found at start, before training, the message naming every bad file; for s3://
+shards, when a download does not match twice); 5 another rank died or hung (this rank lost
+contact with it; the launcher's own line names the rank that exited and its signal,
+`return code = -9` for SIGKILL); 6 the object store of s3:// data stayed unreachable past
+the retry budget (RTDSPEED_S3_RETRY_SECONDS; the message names the object and the error).
+The same command resumes from the last complete checkpoint. Tracebacks of such failures go to
+RUN/logs/rank<R>.log.
 """
 
 from __future__ import annotations
@@ -55,10 +58,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from data_pipeline.cache import ShardChecksumError
 from data_pipeline.integrity import check_shard_hashes
 from data_pipeline.manifest import Manifest
+from data_pipeline.remote import RemoteError
 from data_pipeline.stream import ShardStream
 from launcher.config import ConfigError, options_help, parse_args, resolve_path, to_toml
+from launcher.data import open_cache
 from launcher.evaluate import eval_set
 from launcher.factory import build_model
 from launcher.hf.import_weights import InitError, init_from_hf
@@ -69,6 +75,7 @@ from launcher.train.loop import (
     EXIT_DATA,
     EXIT_LOST_RANK,
     EXIT_OK,
+    EXIT_STORAGE,
     Run,
     TrainState,
     resume,
@@ -129,8 +136,7 @@ def report_lost_peer(e: RuntimeError, run_dir: Path, rank: int) -> None:
     with open(log, "a") as f:
         f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} rank {rank} lost a peer:\n")
         f.write("".join(traceback.format_exception(e)) + "\n")
-    tags = checkpoint.complete_tags(run_dir / "checkpoints")
-    last = f"step {tags[-1][0]} ({run_dir / 'checkpoints' / tags[-1][1]})" if tags else "none"
+    last = last_checkpoint(run_dir)
     reason = str(e).split("\n")[0].split("] ", 1)[-1]  # without the backend's source location
     reason = reason.split(". ")[0][:160]
     print(
@@ -140,6 +146,26 @@ def report_lost_peer(e: RuntimeError, run_dir: Path, rank: int) -> None:
         file=sys.stderr,
         flush=True,
     )
+
+
+def last_checkpoint(run_dir: Path) -> str:
+    tags = checkpoint.complete_tags(run_dir / "checkpoints")
+    return f"step {tags[-1][0]} ({run_dir / 'checkpoints' / tags[-1][1]})" if tags else "none"
+
+
+def report_remote(e: Exception, run_dir: Path, rank: int) -> int:
+    """One line: the object, what went wrong, and where the same command resumes."""
+    if isinstance(e, ShardChecksumError):
+        what, code = "data error", EXIT_DATA
+    else:
+        what, code = "object storage error", EXIT_STORAGE
+    print(
+        f"rtdspeed: rank {rank}: {what}: {e}. Last complete checkpoint: "
+        f"{last_checkpoint(run_dir)}; the same command resumes from it.",
+        file=sys.stderr,
+        flush=True,
+    )
+    return code
 
 
 def install_signal_handlers(run: Run) -> None:
@@ -157,7 +183,8 @@ def setup(pre: Preflight, env: distributed.DistEnv):
     cfg, tok, manifest = pre.cfg, pre.tokenizer, pre.manifest
     distributed.init(env)
     distributed.set_cpu_threads(env)
-    check_shard_contents(manifest, env)
+    if not manifest.url:  # an s3:// shard is hashed by the cache as it is downloaded
+        check_shard_contents(manifest, env)
     run_dir = cfg.run_dir
     if env.is_main:
         for warning in pre.warnings:
@@ -165,7 +192,13 @@ def setup(pre: Preflight, env: distributed.DistEnv):
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(to_toml(cfg))
     # contents checked above: the stream need not hash the shards again
-    stream = ShardStream(manifest, seed=cfg.run.seed, alpha=cfg.data.alpha, verify_hashes=False)
+    stream = ShardStream(
+        manifest,
+        seed=cfg.run.seed,
+        alpha=cfg.data.alpha,
+        verify_hashes=False,
+        cache=open_cache(manifest, cfg.data),
+    )
     rss_start = memory.rss_gb()
     model = build_model(cfg.model, cfg.run.seed, tok)
     plan = None
@@ -199,7 +232,7 @@ def setup(pre: Preflight, env: distributed.DistEnv):
         rss_start_gb=rss_start,
     )
     if pre.valid_manifest is not None:
-        run.eval_data = eval_set(pre.valid_manifest, cfg.eval)
+        run.eval_data = eval_set(pre.valid_manifest, cfg.eval, cfg.data)
     state = resume(engine, plan, run) if plan else TrainState()
     install_signal_handlers(run)
     return engine, stream, state, run
@@ -221,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     if dry:
         return dry_run.run(pre, env)
-    run = None
+    run = stream = None
     try:
         engine, stream, state, run = setup(pre, env)
         cfg = pre.cfg
@@ -230,7 +263,10 @@ def main(argv: list[str] | None = None) -> int:
             f"each), step {state.step}/{cfg.train.max_steps}, run dir {cfg.run_dir}, "
             f"TensorBoard: {run.logger.tb_dir}, allocator: {allocator.describe()}"
         )
-        return train(engine, stream, state, run)
+        code = train(engine, stream, state, run)
+        if stream.cache is not None:
+            run.logger.message(stream.cache.summary())
+        return code
     except (checkpoint.ResumeRefused, InitError) as e:
         print(f"rtdspeed: {e}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
@@ -238,12 +274,16 @@ def main(argv: list[str] | None = None) -> int:
         if env.is_main:  # every rank knows; one message per job
             print(f"rtdspeed: data error: {e}", file=sys.stderr, flush=True)
         return EXIT_DATA
+    except (RemoteError, ShardChecksumError) as e:  # this rank's; the others lose contact
+        return report_remote(e, pre.cfg.run_dir, env.rank)
     except RuntimeError as e:
         if not lost_peer(e):
             raise
         report_lost_peer(e, pre.cfg.run_dir, env.rank)
         return EXIT_LOST_RANK
     finally:
+        if stream is not None:
+            stream.close()
         if run is not None:
             run.logger.close()
         if dist.is_initialized():

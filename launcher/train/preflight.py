@@ -17,9 +17,11 @@ from pathlib import Path
 
 from deepspeed.accelerator import get_accelerator
 
-from data_pipeline.manifest import Manifest, load_manifest, tokenizer_mismatch
+from data_pipeline.manifest import Manifest, tokenizer_mismatch
+from data_pipeline.remote import RemoteError, is_remote
 from data_pipeline.tokenizer import TokenizerInfo, load_tokenizer_dir
 from launcher.config import ConfigError, RunConfig, resolve_path, validate
+from launcher.data import open_manifest, tokenizer_path
 from launcher.evaluate import EvalError, load_validation
 from launcher.factory import model_config
 from launcher.train.engine import build_ds_config, load_ds_configs
@@ -54,8 +56,8 @@ def preflight(cfg: RunConfig, world_size: int) -> Preflight:
     valid = None
     if cfg.eval.every_steps:
         try:
-            valid = load_validation(cfg.data.shards_dir, tok.sha256)
-        except (EvalError, OSError, ValueError) as e:
+            valid = load_validation(cfg.data.shards_dir, tok.sha256, cfg.data)
+        except (EvalError, OSError, ValueError, RemoteError) as e:
             raise ConfigError(f"eval.every_steps={cfg.eval.every_steps}: {e}") from None
     warnings = data_warnings(cfg, tok, manifest)
     return Preflight(cfg, world_size, tok, manifest, ds_config, valid, warnings)
@@ -92,17 +94,18 @@ def load_data(cfg: RunConfig) -> tuple[TokenizerInfo, Manifest]:
     for name, value in (("data.shards_dir", d.shards_dir), ("data.tokenizer_dir", d.tokenizer_dir)):
         if not value:
             raise ConfigError(f"{name} is not set")
-        if not Path(value).is_dir():
+        if not is_remote(value) and not Path(value).is_dir():
             raise ConfigError(f"{name}={value!r}: directory not found")
-    if not (Path(d.shards_dir) / "manifest.json").is_file():
+    local = not is_remote(d.shards_dir)
+    if local and not (Path(d.shards_dir) / "manifest.json").is_file():
         raise ConfigError(f"data.shards_dir={d.shards_dir!r}: no manifest.json (not a shard dir)")
     try:
-        tok = load_tokenizer_dir(d.tokenizer_dir)
-    except Exception as e:  # the tokenizer package's own message says what is wrong
+        tok = load_tokenizer_dir(tokenizer_path(d))
+    except Exception as e:  # the tokenizer package's (or the object store's) message says why
         raise ConfigError(f"data.tokenizer_dir={d.tokenizer_dir!r}: {e}") from None
     try:
-        manifest = load_manifest(d.shards_dir)
-    except (OSError, ValueError) as e:
+        manifest = open_manifest(d, d.shards_dir)
+    except (OSError, ValueError, RemoteError) as e:
         raise ConfigError(f"data.shards_dir={d.shards_dir!r}: {e}") from None
     if sum(manifest.rows_per_language().values()) == 0:
         raise ConfigError(

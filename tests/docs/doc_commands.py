@@ -24,6 +24,11 @@ the repository.
 Substitutions (documented -> checked, why) are `SUBSTITUTIONS`; every one must match some
 command (a stale one fails the tests).
 
+Object storage: a command naming `s3://BUCKET/...` runs against the S3 server of the tests
+(`tests/s3_server.py`: moto's, on 127.0.0.1, in the test process), with the standard AWS
+variables pointing at it, its buckets created and the node cache inside the sandbox
+(`s3_env`), for that command and the later ones.
+
 Runs as root in CI (`make test` installs system packages): the docker README's `chown -R
 1000` needs it, and Open MPI is told that root is fine (OMPI_ALLOW_RUN_AS_ROOT, the
 environment form of `--allow-run-as-root`).
@@ -31,6 +36,7 @@ environment form of `--allow-run-as-root`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -38,6 +44,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -49,6 +56,7 @@ HOSTFILE = "node0 slots=1\nnode1 slots=1\n"  # two "nodes", both this machine
 ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 DRY_RUN_DONE = "rtdspeed: dry run passed"
 ENTRIES = r"(launcher/pretrain\.py|launcher/slurm/pretrain\.sbatch)"  # take --dry-run after them
+S3_BUCKET = re.compile(r"s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])")
 
 
 @dataclass(frozen=True)
@@ -289,17 +297,54 @@ def sandbox_env(sandbox: Path) -> dict[str, str]:
     return env
 
 
+@cache
+def s3_server():
+    import logging
+
+    from tests.s3_server import S3Server
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = S3Server()
+    server.start()
+    return server
+
+
+def s3_env(script: str, sandbox: Path) -> dict[str, str]:
+    """For a script that names s3:// locations, and every one after it (`launcher.evaluate
+    --run` reads the s3:// shards its run names): the AWS variables of the test server, the
+    buckets named created, the node cache in the sandbox; {} before the first."""
+    buckets = set(S3_BUCKET.findall(script))
+    if not buckets and not s3_server.cache_info().currsize:
+        return {}
+    import boto3
+
+    server = s3_server()
+    env = server.env()
+    client = boto3.client(
+        "s3",
+        endpoint_url=server.url,
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
+    )
+    for bucket in buckets:
+        with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+            client.create_bucket(Bucket=bucket)
+    return env | {"RTDSPEED_CACHE_DIR": str(sandbox / "cache")}
+
+
 def run(cmd: DocCommand, check: Check, sandbox: Path, corpus: Path) -> Outcome:
     outcome = Outcome(cmd, check)
     if check.mode == "unchecked":
         return outcome
     prelude = [substitute(line, corpus, sandbox)[0] for line in cmd.prelude]
+    script = "\n".join([*prelude, check.script])
     t0 = time.time()
     try:
         done = subprocess.run(
-            ["bash", "-c", "\n".join([*prelude, check.script])],
+            ["bash", "-c", script],
             cwd=sandbox,
-            env=sandbox_env(sandbox),
+            env=sandbox_env(sandbox) | s3_env(script, sandbox),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

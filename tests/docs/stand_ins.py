@@ -214,8 +214,10 @@ def docker(args: list[str]) -> int:
     env = dict(os.environ)
     for k, v in options:
         if k in ("-e", "--env"):
-            name, _, value = v.partition("=")
-            if name != "RTDSPEED_SSHD":  # tests/docker starts sshd in the image
+            name, eq, value = v.partition("=")
+            # `-e NAME` alone passes the host's value, which env holds already; tests/docker
+            # starts sshd in the image
+            if eq and name != "RTDSPEED_SSHD":
                 env[name] = value
     # ENTRYPOINT ["tini", "--", "rtdspeed"]: the image's command runs through the entrypoint
     return run_here([str(REPO_ROOT / "docker" / "entrypoint.sh"), *(rest[1:] or ["help"])], env)

@@ -33,6 +33,7 @@ ARGPARSE_CLIS = [
     "benchmarks/scaling.py",
     "benchmarks/precision.py",
     "benchmarks/zero3_knobs.py",
+    "benchmarks/remote_loader.py",
 ]
 # What launcher/pretrain.py accepts besides `--section.key=value` (launcher/train/main.py,
 # launcher/config.parse_args).

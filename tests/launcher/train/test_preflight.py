@@ -56,6 +56,26 @@ def test_validation_names_the_field(shards_dir, tokenizer_dir, extra, world, mes
     assert message in str(e.value)
 
 
+def test_s3_data_that_is_not_there_is_a_config_error_naming_it(s3, shards_dir, tokenizer_dir):
+    from data_pipeline.remote import ObjectStore, S3Url
+    from data_pipeline.remote_shards import publish_shards
+
+    publish_shards(shards_dir, S3Url.parse(s3.url("shards")), ObjectStore())
+    s3.client.delete_object(Bucket=s3.name, Key="shards/de-00001.arrow")
+    cases = {
+        "s3://no-such-bucket-rtd/shards": "data.shards_dir='s3://no-such-bucket-rtd/shards': "
+        "s3://no-such-bucket-rtd: bucket 'no-such-bucket-rtd' does not exist at http://127.0.0.1",
+        s3.url("elsewhere"): f"{s3.url('elsewhere')}/manifest.json not found: not a shard dir",
+        s3.url("shards"): f"1 bad shard(s):\n  {s3.url('shards')}/de-00001.arrow: missing",
+    }
+    for url, message in cases.items():
+        with pytest.raises(ConfigError) as e:
+            preflight(valid_cfg(url, tokenizer_dir, "--train.micro_batch_size=4"), 1)
+        assert message in str(e.value)
+    with pytest.raises(ConfigError, match=r"data.tokenizer_dir='s3://\S+/tok': s3://\S+/tok: no "):
+        preflight(valid_cfg(shards_dir, s3.url("tok"), "--train.micro_batch_size=4"), 1)
+
+
 def test_precision_the_accelerator_lacks_is_a_config_error(shards_dir, tokenizer_dir, monkeypatch):
     monkeypatch.setattr(get_accelerator(), "is_fp16_supported", lambda: False)  # as on this CPU
     monkeypatch.setattr(get_accelerator(), "is_bf16_supported", lambda: True)
