@@ -67,7 +67,7 @@ bench: venv
 # for CPython 3.10-3.13 on x86_64 and aarch64; about 25 MB, git-ignored.
 GPU_DEPS := hjson==3.1.0 py-cpuinfo==9.0.0 pydantic==2.14.4 pydantic_core==2.50.5 \
 	annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0 msgpack==1.2.4 \
-	ninja==1.13.2 einops==0.8.2 psutil==7.2.2 nvidia-ml-py==13.580.82
+	ninja==1.13.2 einops==0.8.2 psutil==7.2.2 nvidia-ml-py==13.580.82 tomli==2.5.0
 
 gpu-wheels: venv
 	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)

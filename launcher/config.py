@@ -26,7 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (a GPU image's python may be older than ours)
+    import tomli as tomllib
 import torch
 
 from model import DebertaV3Config, check_rtd_options
@@ -124,7 +127,8 @@ class CheckpointSection:
 class LogSection:
     every_steps: int = 10  # console line and TensorBoard scalars
     tensorboard: bool = True
-    # Peak FLOP/s per rank for MFU; 0: 312e12 on CUDA (A100 bf16 dense), 1e11 on CPU (rough).
+    # Peak FLOP/s per rank for MFU; 0: the GPU's dense bf16 peak for A100/H100/H200 (312e12
+    # for other GPUs), 1e11 on CPU (rough).
     peak_flops_per_rank: float = 0.0
 
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import deepspeed
 import torch
+from deepspeed.git_version_info import installed_ops
+from torch.utils.cpp_extension import CUDA_HOME
 
 from launcher.config import ConfigError, RunConfig, resolve_path
 
@@ -109,8 +111,22 @@ def use_torch_adam(implementation: str) -> bool:
     """torch.optim.AdamW (bitwise-exact resume) or DeepSpeed's Adam kernels
     (`optim.implementation` in launcher/config.py)."""
     if implementation == "auto":
-        return not torch.cuda.is_available()
+        return not torch.cuda.is_available() or not fused_adam_available()
     return implementation == "torch"
+
+
+def fused_adam_available() -> bool:
+    """DeepSpeed's FusedAdam is usable on CUDA when it was compiled at install time or can be
+    JIT-compiled (a CUDA toolkit is present); a DeepSpeed wheel built without ops on a machine
+    without nvcc would otherwise fail at the first step. Says so once when it falls back."""
+    if installed_ops.get("fused_adam") or CUDA_HOME is not None:
+        return True
+    print(
+        "rtdspeed: DeepSpeed's FusedAdam is not built and no CUDA toolkit can build it: "
+        "optim.implementation=auto uses torch.optim.AdamW",
+        flush=True,
+    )
+    return False
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

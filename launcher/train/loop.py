@@ -73,10 +73,12 @@ class StepResult:
 
 
 def all_reduce_counts(
-    nonfinite: int, stop: int, tokens: int, lang_tokens: np.ndarray
+    nonfinite: int, stop: int, tokens: int, lang_tokens: np.ndarray, device: torch.device
 ) -> tuple[int, int, int, list[int]]:
-    """Sum the step's counts over ranks in one all_reduce (float64 holds them exactly)."""
-    vec = torch.tensor([nonfinite, stop, tokens, *lang_tokens.tolist()], dtype=torch.float64)
+    """Sum the step's counts over ranks in one all_reduce (float64 holds them exactly), on
+    the engine's device: NCCL reduces only CUDA tensors, gloo CPU ones."""
+    counts = [nonfinite, stop, tokens, *lang_tokens.tolist()]
+    vec = torch.tensor(counts, dtype=torch.float64, device=device)
     dist.all_reduce(vec)
     n, s, t, *langs = (int(v) for v in vec.tolist())
     return n, s, t, langs
@@ -105,7 +107,7 @@ def train_step(engine, micro_batches: list[MicroBatch], run: Run) -> StepResult:
             engine.step()  # not a boundary: DeepSpeed only counts the micro step
     lr = engine.get_lr()[0]  # the lr this step trains with (the schedule moves after)
     nonfinite, stop, tokens, langs = all_reduce_counts(
-        nonfinite, run.stop_requested, tokens, lang_tokens
+        nonfinite, run.stop_requested, tokens, lang_tokens, device
     )
     if nonfinite and engine.zero_optimization_stage() == 0 and not engine.fp16_enabled():
         skip_optimizer_step(engine)
@@ -173,7 +175,7 @@ class LogWindow:
 def window_metrics(engine, window: LogWindow, run: Run, seconds: float, state: TrainState):
     """Metrics of one log window; `seconds` is its mean step time, lr and gradient norm are
     the last step's. All-reduces: every rank calls it."""
-    m = reduce_means(window.sums, window.micro_batches)
+    m = reduce_means(window.sums, window.micro_batches, engine.device)
     samples = run.cfg.train.global_batch_size
     gnorm = engine.get_global_grad_norm()
     m.update(

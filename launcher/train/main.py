@@ -85,11 +85,20 @@ from launcher.train.metrics import Logger
 from launcher.train.preflight import Preflight, preflight
 from model import rtd_flops_per_sample
 
+# Dense bf16 peak FLOP/s by device name (vendor data sheets, without sparsity); the first
+# name that occurs in torch.cuda.get_device_name() wins.
+CUDA_PEAKS = (("H200", 989e12), ("H100", 989e12), ("GH200", 989e12), ("A100", 312e12))
+
 
 def peak_flops(configured: float) -> float:
+    """log.peak_flops_per_rank, or the device's bf16 peak when it is known (312e12, an A100's,
+    for other GPUs: set it for those), or a rough 1e11 on the CPU."""
     if configured > 0:
         return configured
-    return 312e12 if torch.cuda.is_available() else 1e11
+    if not torch.cuda.is_available():
+        return 1e11
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in CUDA_PEAKS if key in name), 312e12)
 
 
 class DataError(RuntimeError):

@@ -69,9 +69,11 @@ TB_NAMES = {
 }
 
 
-def reduce_means(sums: dict[str, float], count: int) -> dict[str, float]:
-    """Mean of MEAN_KEYS over micro batches and ranks (one all_reduce)."""
-    vec = torch.tensor([sums[k] for k in MEAN_KEYS] + [count], dtype=torch.float64)
+def reduce_means(sums: dict[str, float], count: int, device: torch.device) -> dict[str, float]:
+    """Mean of MEAN_KEYS over micro batches and ranks (one all_reduce on `device`, the
+    engine's: NCCL reduces only CUDA tensors)."""
+    values = [sums[k] for k in MEAN_KEYS] + [count]
+    vec = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(vec)
     n = vec[-1].item()
     return {k: vec[i].item() / n for i, k in enumerate(MEAN_KEYS)}

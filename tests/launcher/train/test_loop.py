@@ -24,12 +24,13 @@ from launcher.train.loop import (
     Run,
     StepResult,
     TrainState,
+    all_reduce_counts,
     train,
     train_step,
     update_state,
     window_metrics,
 )
-from launcher.train.metrics import MEAN_KEYS, Logger
+from launcher.train.metrics import MEAN_KEYS, Logger, reduce_means
 
 LANGS = ["de", "en", "zh-Hans"]
 
@@ -297,3 +298,17 @@ def test_best_checkpoint_by_held_out_metric_is_saved_and_survives_pruning(tmp_pa
     best = json.loads((ckpts / "best.json").read_text())
     assert (best["step"], best["value"], best["metric"]) == (6, 3.9, "mlm_loss")
     assert state.best_value == 3.9
+
+
+def test_step_reductions_run_on_the_engine_device(monkeypatch):
+    """NCCL reduces only CUDA tensors: the per-step reductions are built on the device they
+    are given (the engine's), not on the CPU (a "meta" device stands in for CUDA here)."""
+    seen = []
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t: seen.append(t.device.type))
+    device = torch.device("meta")
+    with pytest.raises(RuntimeError):  # meta tensors hold no values to read back
+        all_reduce_counts(0, 0, 5, np.zeros(2, dtype=np.int64), device)
+    sums = dict.fromkeys(MEAN_KEYS, 1.0)
+    with pytest.raises(RuntimeError):
+        reduce_means(sums, 1, device)
+    assert seen == ["meta", "meta"]
