@@ -270,29 +270,30 @@ class DisentangledSelfAttention(nn.Module):
         return x.unflatten(-1, (self.heads, self.head_dim)).transpose(0, 1)
 
     def _kernel(self, impl, q, k, v, pos_q, pos_k, rel_table_index, key_mask) -> torch.Tensor:
-        """The same attention from a fused kernel ("triton" or "fused"): c2p and p2c against
-        the S window rows (GEMMs), gathered by distance inside the kernel. Returns
-        (heads, B, L, d)."""
+        """The same attention from a fused kernel: "fused" takes the window's position
+        queries and keys and computes c2p and p2c in its tiles; "triton" gathers from c2p and
+        p2c against the S window rows (GEMMs here). Returns (heads, B, L, d)."""
         heads, batch, length, d = q.shape
-        flat = (heads, batch * length, d)
-        c2p = (q.view(flat) @ pos_k.transpose(1, 2)).view(heads * batch, length, -1)  # (N, L, S)
-        p2c = (k.view(flat) @ pos_q.transpose(1, 2)).view(heads * batch, length, -1)  # (N, L, S)
-        q, k, v = (t.view(-1, length, d) for t in (q, k, v))  # (heads B, L, d)
         dropout = self.probs_dropout if self.training else 0.0
         if impl == "fused":
             from model import attention_fused
 
+            q, k, v = (t.view(-1, length, d) for t in (q, k, v))  # (heads B, L, d)
             ctx = attention_fused.disentangled_attention(
-                q, k, v, c2p, p2c, rel_table_index, key_mask, self.scale, dropout
+                q, k, v, pos_q, pos_k, rel_table_index, key_mask, self.scale, dropout
             )
-        else:
-            from model import attention_triton
+            return ctx.view(heads, batch, length, d)
+        from model import attention_triton
 
-            attention_triton.check_buckets(*self.buckets)
-            ctx = attention_triton.disentangled_attention(
-                q, k, v, c2p, p2c, rel_table_index.flip(0),  # rows by distance -(L-1) .. L-1
-                key_mask, self.scale, dropout,
-            )  # fmt: skip
+        attention_triton.check_buckets(*self.buckets)
+        flat = (heads, batch * length, d)
+        c2p = (q.view(flat) @ pos_k.transpose(1, 2)).view(heads * batch, length, -1)  # (N, L, S)
+        p2c = (k.view(flat) @ pos_q.transpose(1, 2)).view(heads * batch, length, -1)  # (N, L, S)
+        q, k, v = (t.view(-1, length, d) for t in (q, k, v))  # (heads B, L, d)
+        ctx = attention_triton.disentangled_attention(
+            q, k, v, c2p, p2c, rel_table_index.flip(0),  # rows by distance -(L-1) .. L-1
+            key_mask, self.scale, dropout,
+        )  # fmt: skip
         return ctx.view(heads, batch, length, d)
 
 

@@ -8,17 +8,20 @@
 //   s[i, j] = scale q_i . k_j + c2p[i, w(r)] + p2c[j, w(r)]      (padded keys: -1e30)
 //   o_i     = sum_j dropout(softmax_j s[i, :]) v_j
 //
-// c2p = q PK^T and p2c = k PQ^T are (N, L, S) GEMMs outside the kernel (autograd does their
-// backward); here they are gathered by w(r). One task per n (heads x B of them, spread over
-// ATen's intra-op threads): the task walks its queries in blocks of BLOCK rows, so the only
-// score memory is a (BLOCK, L) fp32 tile per thread, never an (N, L, L) tensor. Within a
-// block the softmax is exact over all L keys (no online rescaling needed at this tile size).
-// The tile products are at::mm on fp32 copies of the task's q, k, v (oneDNN/MKL pick the
-// ISA at run time); the gather, mask, softmax and dropout loops are compiled for AVX2.
+// c2p = q PK^T and p2c = k PQ^T (PK, PQ: the S window rows' position keys and queries of the
+// head, scaled) are tile GEMMs inside the kernel, gathered by w(r): p2c (L, S) once per n,
+// c2p (block, S) per query block. One task per n (heads x B of them, spread over ATen's
+// intra-op threads) walks its queries in blocks of `block` rows, so the score memory is a
+// (block, L) fp32 tile and an (L, S) table per thread, never an (N, L, L) or (N, L, S)
+// tensor. Within a block the softmax is exact over all L keys (no online rescaling needed at
+// this tile size). The tile products are at::mm on fp32 copies of the task's operands
+// (MKL/oneDNN choose the ISA at run time); the gather, mask, softmax and dropout loops are
+// compiled for AVX2.
 //
-// Backward recomputes P from the saved row log-sum-exp, and, because one task owns all of
-// n, accumulates dk, dv and the position-table gradients d c2p[i, w] and d p2c[j, w]
-// (sums of dS over the pairs whose distance uses row w) without atomics or races.
+// Backward recomputes P from the saved row log-sum-exp. One task owns all of n, so dk, dv
+// and the position-table gradients d c2p[i, w] and d p2c[j, w] (sums of dS over the pairs
+// whose distance uses row w) accumulate without atomics; they go back through the tile
+// GEMMs into dq, dk and d PK, d PQ per n (summed over the batch by the caller).
 //
 // Dropout: pair (i, j) of n is kept when hash(seed, n, i L + j) >= p 2^32 (a counter-based
 // hash, so backward regenerates the forward's mask without storing it); `keep_mask` returns
@@ -35,7 +38,6 @@
 
 namespace {
 
-constexpr int64_t BLOCK = 64;  // query rows per tile
 constexpr float MASKED = -1.0e30f;  // score of a padded key
 
 using Vec = at::vec::Vectorized<float>;
@@ -69,26 +71,33 @@ struct Dropout {
   }
 };
 
-template <typename P>
-inline float as_float(P x) {
-  return static_cast<float>(x);
-}
-
 // Scores of query rows [i0, i0 + m) against all keys, in place over tile (m, L) that holds
-// q k^T: scale, + c2p and p2c gathered by distance row, padded keys masked.
-template <typename P>
+// q k^T: scale, + c2p (the block's rows, (m, S)) and p2c ((L, S)) gathered by distance row,
+// padded keys masked.
 void add_position_terms(float* tile, int64_t i0, int64_t m, int64_t L, int64_t S, float scale,
-                        const P* c2p, const P* p2c, const int32_t* rev, const int8_t* kmask) {
+                        const float* c2p, const float* p2c, const int32_t* rev,
+                        const int8_t* kmask) {
+  using IVec = at::vec::Vectorized<int32_t>;
+  constexpr int64_t W = Vec::size();
+  const int32_t S32 = static_cast<int32_t>(S);  // L S < 2^31 (L <= 65535, S <= 2k)
+  const IVec lane_rows = IVec::arange(0, S32);  // row offsets j S of W consecutive keys
+  const Vec vscale(scale);
   for (int64_t r = 0; r < m; ++r) {
     const int64_t i = i0 + r;
     float* s = tile + r * L;
-    const P* c2p_i = c2p + i * S;
+    const float* c2p_i = c2p + r * S;
     const int32_t* w = rev + (L - 1 - i);  // w[j] = row of distance i - j
-    for (int64_t j = 0; j < L; ++j) {
-      s[j] = s[j] * scale + as_float(c2p_i[w[j]]) + as_float(p2c[j * S + w[j]]);
+    int64_t j = 0;
+    for (; j + W <= L; j += W) {  // AVX2 gathers: c2p along the row, p2c down the keys
+      const IVec wj = IVec::loadu(w + j);
+      const IVec at_key = wj + lane_rows + IVec(static_cast<int32_t>(j) * S32);
+      const Vec c = at::vec::gather<sizeof(float)>(c2p_i, wj);
+      const Vec p = at::vec::gather<sizeof(float)>(p2c, at_key);
+      (Vec::loadu(s + j) * vscale + c + p).store(s + j);
     }
+    for (; j < L; ++j) s[j] = s[j] * scale + c2p_i[w[j]] + p2c[j * S + w[j]];
     if (kmask != nullptr) {
-      for (int64_t j = 0; j < L; ++j) s[j] = kmask[j] ? s[j] : MASKED;
+      for (int64_t jj = 0; jj < L; ++jj) s[jj] = kmask[jj] ? s[jj] : MASKED;
     }
   }
 }
@@ -125,28 +134,42 @@ struct TaskGuards {
 };
 
 struct Problem {  // shapes and scalars shared by forward and backward
-  int64_t N, L, D, S, B;
+  int64_t N, L, D, S, B, block;  // block: query rows per tile
   float scale;
   double drop;
   int64_t seed;
 };
 
-template <typename P>
-void forward_task(const Problem& pb, int64_t n, const at::Tensor& q, const at::Tensor& k,
-                  const at::Tensor& v, const P* c2p, const P* p2c, const int32_t* rev,
+// The task's fp32 operands: q, k, v of n and the window's position queries/keys of its head.
+struct TaskTensors {
+  at::Tensor q, k, v, pq, pk;
+  TaskTensors(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+              const at::Tensor& pos_q, const at::Tensor& pos_k, int64_t n, int64_t B)
+      : q(q_[n].to(at::kFloat)),
+        k(k_[n].to(at::kFloat)),
+        v(v_[n].to(at::kFloat)),
+        pq(pos_q[n / B].to(at::kFloat)),
+        pk(pos_k[n / B].to(at::kFloat)) {}
+};
+
+void forward_task(const Problem& pb, int64_t n, const TaskTensors& t, const int32_t* rev,
                   const int8_t* kmask, at::Tensor& out, float* lse) {
   const int64_t L = pb.L, S = pb.S;
-  const at::Tensor qf = q[n].to(at::kFloat), kf = k[n].to(at::kFloat), vf = v[n].to(at::kFloat);
-  at::Tensor tile = at::empty({BLOCK, L}, qf.options());
-  at::Tensor of = at::empty({L, pb.D}, qf.options());
+  const auto opts = t.q.options();
+  at::Tensor tile = at::empty({pb.block, L}, opts), c2p = at::empty({pb.block, S}, opts);
+  const at::Tensor p2c = at::mm(t.k, t.pq.t());  // (L, S): k_j against every window row
+  at::Tensor of = at::empty({L, pb.D}, opts);
   const Dropout dropout(pb.drop, pb.seed, n);
   const int8_t* km = kmask ? kmask + (n % pb.B) * L : nullptr;
-  for (int64_t i0 = 0; i0 < L; i0 += BLOCK) {
-    const int64_t m = std::min(BLOCK, L - i0);
-    at::Tensor t = tile.narrow(0, 0, m);
-    at::mm_out(t, qf.narrow(0, i0, m), kf.t());  // q k^T
-    float* ts = t.data_ptr<float>();
-    add_position_terms(ts, i0, m, L, S, pb.scale, c2p + n * L * S, p2c + n * L * S, rev, km);
+  for (int64_t i0 = 0; i0 < L; i0 += pb.block) {
+    const int64_t m = std::min(pb.block, L - i0);
+    at::Tensor st = tile.narrow(0, 0, m), ct = c2p.narrow(0, 0, m);
+    const at::Tensor q_blk = t.q.narrow(0, i0, m);
+    at::mm_out(st, q_blk, t.k.t());  // q k^T
+    at::mm_out(ct, q_blk, t.pk.t());  // c2p rows of the block
+    float* ts = st.data_ptr<float>();
+    add_position_terms(ts, i0, m, L, S, pb.scale, ct.data_ptr<float>(), p2c.data_ptr<float>(),
+                       rev, km);
     for (int64_t r = 0; r < m; ++r) {
       float* s = ts + r * L;
       const float mx = row_max(s, L);
@@ -161,13 +184,14 @@ void forward_task(const Problem& pb, int64_t n, const at::Tensor& q, const at::T
       }
     }
     at::Tensor o_blk = of.narrow(0, i0, m);
-    at::mm_out(o_blk, t, vf);  // dropout(P) v
+    at::mm_out(o_blk, st, t.v);  // dropout(P) v
   }
   out[n].copy_(of);
 }
 
-// One query block of backward: tile holds P (recomputed), dtile dP = dO v^T; on return
-// tile holds dropout(P) and dtile dS, and d c2p / d p2c have the block's sums added.
+// One query block of backward: tile holds the scores, dtile dP = dO v^T; on return tile
+// holds dropout(P) and dtile dS, dc2p (m, S) the block's d c2p and dp2c (L, S) has the
+// block's sums added.
 void softmax_backward_block(const Problem& pb, int64_t n, int64_t i0, int64_t m, float* tile,
                             float* dtile, const float* lse, const int32_t* rev, float* dc2p,
                             float* dp2c) {
@@ -180,152 +204,144 @@ void softmax_backward_block(const Problem& pb, int64_t n, int64_t i0, int64_t m,
     exp_row(p, L, lse[n * L + i]);  // P from the saved log-sum-exp
     const uint32_t c0 = static_cast<uint32_t>(i * L);
     float delta = 0.0f;  // sum_j P dP' = rowsum of dO * o
-    for (int64_t j = 0; j < L; ++j) {
-      const float f = dropout.on ? dropout.factor(c0 + j) : 1.0f;
-      dp[j] *= f;  // gradient w.r.t. P through the dropout
-      delta += p[j] * dp[j];
+    if (dropout.on) {
+      for (int64_t j = 0; j < L; ++j) dp[j] *= dropout.factor(c0 + j);  // through dropout
     }
-    float* dc2p_i = dc2p + i * S;
+    for (int64_t j = 0; j < L; ++j) delta += p[j] * dp[j];
+    for (int64_t j = 0; j < L; ++j) dp[j] = p[j] * (dp[j] - delta);  // dS
+    float* dc2p_r = dc2p + r * S;
     const int32_t* w = rev + (L - 1 - i);
     for (int64_t j = 0; j < L; ++j) {
-      const float ds = p[j] * (dp[j] - delta);
-      dc2p_i[w[j]] += ds;
-      dp2c[j * S + w[j]] += ds;
-      dp[j] = ds;
-      if (dropout.on) p[j] *= dropout.factor(c0 + j);
+      dc2p_r[w[j]] += dp[j];
+      dp2c[j * S + w[j]] += dp[j];
+    }
+    if (dropout.on) {
+      for (int64_t j = 0; j < L; ++j) p[j] *= dropout.factor(c0 + j);
     }
   }
 }
 
-template <typename P>
-void backward_task(const Problem& pb, int64_t n, const at::Tensor& q, const at::Tensor& k,
-                   const at::Tensor& v, const P* c2p, const P* p2c, const int32_t* rev,
-                   const int8_t* kmask, const at::Tensor& dout, const float* lse,
-                   at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, float* dc2p, float* dp2c) {
+struct Grads {  // backward's outputs; dpq, dpk per n (N, S, d) fp32, summed over B outside
+  at::Tensor dq, dk, dv, dpq, dpk;
+};
+
+void backward_task(const Problem& pb, int64_t n, const TaskTensors& t, const int32_t* rev,
+                   const int8_t* kmask, const at::Tensor& dout, const float* lse, Grads& g) {
   const int64_t L = pb.L, S = pb.S;
-  const at::Tensor qf = q[n].to(at::kFloat), kf = k[n].to(at::kFloat), vf = v[n].to(at::kFloat);
+  const auto opts = t.q.options();
   const at::Tensor dof = dout[n].to(at::kFloat);
-  at::Tensor tile = at::empty({BLOCK, L}, qf.options());
-  at::Tensor dtile = at::empty({BLOCK, L}, qf.options());
-  at::Tensor dqf = at::empty({L, pb.D}, qf.options());
-  at::Tensor dkf = at::zeros({L, pb.D}, qf.options());
-  at::Tensor dvf = at::zeros({L, pb.D}, qf.options());
+  at::Tensor tile = at::empty({pb.block, L}, opts), dtile = at::empty({pb.block, L}, opts);
+  at::Tensor c2p = at::empty({pb.block, S}, opts), dc2p = at::empty({pb.block, S}, opts);
+  const at::Tensor p2c = at::mm(t.k, t.pq.t());  // (L, S), recomputed
+  at::Tensor dp2c = at::zeros({L, S}, opts);
+  at::Tensor dqf = at::empty({L, pb.D}, opts);
+  at::Tensor dkf = at::zeros({L, pb.D}, opts), dvf = at::zeros({L, pb.D}, opts);
+  at::Tensor dpk = g.dpk[n];  // (S, d) fp32, accumulated over the query blocks
+  dpk.zero_();
   const int8_t* km = kmask ? kmask + (n % pb.B) * L : nullptr;
-  float* dc2p_n = dc2p + n * L * S;
-  float* dp2c_n = dp2c + n * L * S;
-  for (int64_t i0 = 0; i0 < L; i0 += BLOCK) {
-    const int64_t m = std::min(BLOCK, L - i0);
-    at::Tensor t = tile.narrow(0, 0, m), dt = dtile.narrow(0, 0, m);
-    const at::Tensor q_blk = qf.narrow(0, i0, m), do_blk = dof.narrow(0, i0, m);
-    at::mm_out(t, q_blk, kf.t());
-    add_position_terms(t.data_ptr<float>(), i0, m, L, S, pb.scale, c2p + n * L * S,
-                       p2c + n * L * S, rev, km);
-    at::mm_out(dt, do_blk, vf.t());  // dO v^T
-    softmax_backward_block(pb, n, i0, m, t.data_ptr<float>(), dt.data_ptr<float>(), lse, rev,
-                           dc2p_n, dp2c_n);
-    dvf.addmm_(t.t(), do_blk);  // += dropout(P)^T dO
+  for (int64_t i0 = 0; i0 < L; i0 += pb.block) {
+    const int64_t m = std::min(pb.block, L - i0);
+    at::Tensor st = tile.narrow(0, 0, m), dt = dtile.narrow(0, 0, m);
+    at::Tensor ct = c2p.narrow(0, 0, m), dct = dc2p.narrow(0, 0, m);
+    const at::Tensor q_blk = t.q.narrow(0, i0, m), do_blk = dof.narrow(0, i0, m);
+    at::mm_out(st, q_blk, t.k.t());
+    at::mm_out(ct, q_blk, t.pk.t());
+    add_position_terms(st.data_ptr<float>(), i0, m, L, S, pb.scale, ct.data_ptr<float>(),
+                       p2c.data_ptr<float>(), rev, km);
+    at::mm_out(dt, do_blk, t.v.t());  // dO v^T
+    dct.zero_();
+    softmax_backward_block(pb, n, i0, m, st.data_ptr<float>(), dt.data_ptr<float>(), lse, rev,
+                           dct.data_ptr<float>(), dp2c.data_ptr<float>());
+    dvf.addmm_(st.t(), do_blk);  // += dropout(P)^T dO
     dkf.addmm_(dt.t(), q_blk, 1.0, pb.scale);  // += scale dS^T q
     at::Tensor dq_blk = dqf.narrow(0, i0, m);
-    at::mm_out(dq_blk, dt, kf);
-    dq_blk.mul_(pb.scale);  // scale dS k
+    at::mm_out(dq_blk, dct, t.pk);  // d c2p PK
+    dq_blk.addmm_(dt, t.k, 1.0, pb.scale);  // + scale dS k
+    dpk.addmm_(dct.t(), q_blk);  // d PK += d c2p^T q
   }
-  dq[n].copy_(dqf);
-  dk[n].copy_(dkf);
-  dv[n].copy_(dvf);
+  dkf.addmm_(dp2c, t.pq);  // + d p2c PQ
+  at::Tensor dpq = g.dpq[n];
+  at::mm_out(dpq, dp2c.t(), t.k);  // d PQ = d p2c^T k
+  g.dq[n].copy_(dqf);
+  g.dk[n].copy_(dkf);
+  g.dv[n].copy_(dvf);
 }
 
 Problem check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const at::Tensor& c2p, const at::Tensor& p2c, const at::Tensor& rev,
+                     const at::Tensor& pos_q, const at::Tensor& pos_k, const at::Tensor& rev,
                      const c10::optional<at::Tensor>& kmask, double scale, double drop,
-                     int64_t seed) {
+                     int64_t seed, int64_t block) {
+  TORCH_CHECK(block >= 1, "block must be >= 1");
   TORCH_CHECK(q.device().is_cpu(), "fused disentangled attention runs on CPU tensors");
   TORCH_CHECK(q.dim() == 3 && k.sizes() == q.sizes() && v.sizes() == q.sizes(),
               "q, k, v must be (N, L, d) of one shape");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
-              "q, k, v dtypes differ");
-  TORCH_CHECK(c2p.dim() == 3 && c2p.sizes() == p2c.sizes() && c2p.size(0) == q.size(0) &&
-                  c2p.size(1) == q.size(1), "c2p, p2c must be (N, L, S)");
-  TORCH_CHECK(c2p.scalar_type() == p2c.scalar_type(), "c2p, p2c dtypes differ");
+  TORCH_CHECK(pos_q.dim() == 3 && pos_q.sizes() == pos_k.sizes() &&
+                  q.size(0) % pos_q.size(0) == 0 && pos_q.size(2) == q.size(2),
+              "pos_q, pos_k must be (heads, S, d) with N = heads x B");
   const int64_t L = q.size(1);
   TORCH_CHECK(L <= 65535, "sequence length ", L, " > 65535 (32-bit dropout counters)");
   TORCH_CHECK(rev.scalar_type() == at::kInt && rev.numel() == 2 * L - 1,
               "distance rows must be int32 (2L - 1,)");
-  for (const at::Tensor* t : {&q, &k, &v, &c2p, &p2c, &rev})
+  const int64_t S = pos_q.size(1);
+  const int64_t lo = rev.min().item<int32_t>(), hi = rev.max().item<int32_t>();
+  TORCH_CHECK(lo >= 0 && hi < S, "distance rows outside the window's ", S, " rows");
+  for (const at::Tensor* t : {&q, &k, &v, &pos_q, &pos_k, &rev})
     TORCH_CHECK(t->is_contiguous(), "inputs must be contiguous");
-  int64_t B = 1;
+  const int64_t B = q.size(0) / pos_q.size(0);
   if (kmask.has_value()) {
     TORCH_CHECK(kmask->scalar_type() == at::kChar && kmask->dim() == 2 &&
-                    kmask->size(1) == L && q.size(0) % kmask->size(0) == 0 &&
-                    kmask->is_contiguous(), "key mask must be int8 (B, L), N = heads x B");
-    B = kmask->size(0);
+                    kmask->size(0) == B && kmask->size(1) == L && kmask->is_contiguous(),
+                "key mask must be int8 (B, L), N = heads x B");
   }
   TORCH_CHECK(drop >= 0.0 && drop < 1.0, "dropout must be in [0, 1)");
-  return Problem{q.size(0), L, q.size(2), c2p.size(2), B, static_cast<float>(scale), drop,
-                 seed};
+  return Problem{q.size(0), L, q.size(2), S, B, block, static_cast<float>(scale), drop, seed};
 }
-
-#define DISPATCH_POSITION_DTYPE(t, ...)                                  \
-  if ((t).scalar_type() == at::kFloat) {                                 \
-    using P = float;                                                     \
-    __VA_ARGS__();                                                       \
-  } else if ((t).scalar_type() == at::kBFloat16) {                       \
-    using P = at::BFloat16;                                              \
-    __VA_ARGS__();                                                       \
-  } else {                                                               \
-    TORCH_CHECK(false, "c2p/p2c dtype must be float32 or bfloat16");     \
-  }
 
 }  // namespace
 
-// o (N, L, d) in q's dtype and the rows' log-sum-exp (N, L) fp32. `rev` lists the window row
-// of distance r = i - j at index (L - 1) - r (rows for distances L-1 .. -(L-1)).
+// o (N, L, d) in q's dtype and the rows' log-sum-exp (N, L) fp32. pos_q, pos_k: the window
+// rows' position queries and keys (heads, S, d), scaled; `rev` lists the window row of
+// distance r = i - j at index (L - 1) - r (rows for distances L-1 .. -(L-1)).
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                const at::Tensor& c2p, const at::Tensor& p2c,
+                                const at::Tensor& pos_q, const at::Tensor& pos_k,
                                 const at::Tensor& rev, const c10::optional<at::Tensor>& kmask,
-                                double scale, double drop, int64_t seed) {
-  const Problem pb = check_inputs(q, k, v, c2p, p2c, rev, kmask, scale, drop, seed);
+                                double scale, double drop, int64_t seed, int64_t block) {
+  const Problem pb = check_inputs(q, k, v, pos_q, pos_k, rev, kmask, scale, drop, seed, block);
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({pb.N, pb.L}, q.options().dtype(at::kFloat));
   const int8_t* km = kmask.has_value() ? kmask->data_ptr<int8_t>() : nullptr;
-  DISPATCH_POSITION_DTYPE(c2p, [&] {
-    const P* c = c2p.data_ptr<P>();
-    const P* p = p2c.data_ptr<P>();
-    at::parallel_for(0, pb.N, 1, [&](int64_t begin, int64_t end) {
-      const TaskGuards guards;
-      for (int64_t n = begin; n < end; ++n)
-        forward_task<P>(pb, n, q, k, v, c, p, rev.data_ptr<int32_t>(), km, out,
-                        lse.data_ptr<float>());
-    });
+  at::parallel_for(0, pb.N, 1, [&](int64_t begin, int64_t end) {
+    const TaskGuards guards;
+    for (int64_t n = begin; n < end; ++n) {
+      const TaskTensors t(q, k, v, pos_q, pos_k, n, pb.B);
+      forward_task(pb, n, t, rev.data_ptr<int32_t>(), km, out, lse.data_ptr<float>());
+    }
   });
   return {out, lse};
 }
 
-// dq, dk, dv (in q's dtype) and d c2p, d p2c (N, L, S) fp32.
+// dq, dk, dv (in q's dtype) and d pos_q, d pos_k per batch x head (N, S, d) fp32.
 std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q,
                                  const at::Tensor& k, const at::Tensor& v,
-                                 const at::Tensor& c2p, const at::Tensor& p2c,
+                                 const at::Tensor& pos_q, const at::Tensor& pos_k,
                                  const at::Tensor& rev, const c10::optional<at::Tensor>& kmask,
                                  const at::Tensor& lse, double scale, double drop,
-                                 int64_t seed) {
-  const Problem pb = check_inputs(q, k, v, c2p, p2c, rev, kmask, scale, drop, seed);
+                                 int64_t seed, int64_t block) {
+  const Problem pb = check_inputs(q, k, v, pos_q, pos_k, rev, kmask, scale, drop, seed, block);
   TORCH_CHECK(dout.sizes() == q.sizes() && dout.is_contiguous(), "dout must be like q");
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.numel() == pb.N * pb.L, "lse (N, L) fp32");
-  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  at::Tensor dc2p = at::zeros(c2p.sizes(), c2p.options().dtype(at::kFloat));
-  at::Tensor dp2c = at::zeros(p2c.sizes(), p2c.options().dtype(at::kFloat));
+  const auto f32 = q.options().dtype(at::kFloat);
+  Grads g{at::empty_like(q), at::empty_like(k), at::empty_like(v),
+          at::empty({pb.N, pb.S, pb.D}, f32), at::empty({pb.N, pb.S, pb.D}, f32)};
   const int8_t* km = kmask.has_value() ? kmask->data_ptr<int8_t>() : nullptr;
-  DISPATCH_POSITION_DTYPE(c2p, [&] {
-    const P* c = c2p.data_ptr<P>();
-    const P* p = p2c.data_ptr<P>();
-    at::parallel_for(0, pb.N, 1, [&](int64_t begin, int64_t end) {
-      const TaskGuards guards;
-      for (int64_t n = begin; n < end; ++n)
-        backward_task<P>(pb, n, q, k, v, c, p, rev.data_ptr<int32_t>(), km, dout,
-                         lse.data_ptr<float>(), dq, dk, dv, dc2p.data_ptr<float>(),
-                         dp2c.data_ptr<float>());
-    });
+  at::parallel_for(0, pb.N, 1, [&](int64_t begin, int64_t end) {
+    const TaskGuards guards;
+    for (int64_t n = begin; n < end; ++n) {
+      const TaskTensors t(q, k, v, pos_q, pos_k, n, pb.B);
+      backward_task(pb, n, t, rev.data_ptr<int32_t>(), km, dout, lse.data_ptr<float>(), g);
+    }
   });
-  return {dq, dk, dv, dc2p, dp2c};
+  return {g.dq, g.dk, g.dv, g.dpq, g.dpk};
 }
 
 // The keep mask (N, L, L) bool that forward and backward apply with this seed and p.
@@ -346,5 +362,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "fused disentangled attention, forward");
   m.def("backward", &backward, "fused disentangled attention, backward");
   m.def("keep_mask", &keep_mask, "the dropout keep mask of a seed");
-  m.attr("BLOCK") = BLOCK;
 }

@@ -24,7 +24,7 @@ from model.backbone import (
 from tests.model.conftest import make_batch
 
 FP32_TOL, BF16_TOL = 1e-5, 2e-2
-NAMES = ("q", "k", "v", "c2p", "p2c")
+NAMES = ("q", "k", "v", "pos_q", "pos_k")
 
 
 def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -32,10 +32,14 @@ def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
 
 
-def dense_reference(q, k, v, c2p, p2c, rows, key_mask, scale, keep=None, dropout=0.0):
-    """The attention with torch ops on whole (N, L, L) tensors (float64 in the tests);
-    rows[(L - 1) - r] is the window row of distance r = i - j."""
+def dense_reference(q, k, v, pos_q, pos_k, rows, key_mask, scale, keep=None, dropout=0.0):
+    """The attention with torch ops on whole (N, L, L) tensors (float64 in the tests), as
+    the eager path's algebra: c2p = q PK^T, p2c = k PQ^T over the window rows, gathered at
+    w(i - j), where rows[(L - 1) - r] is the window row of distance r = i - j."""
     n, length, _ = q.shape
+    batch = n // pos_q.shape[0]
+    c2p = q @ pos_k.repeat_interleave(batch, 0).transpose(1, 2)  # (N, L, S), n = h B + b
+    p2c = k @ pos_q.repeat_interleave(batch, 0).transpose(1, 2)
     pos = torch.arange(length)
     w = rows.long()[(length - 1) - (pos[:, None] - pos[None, :])].expand(n, length, length)
     c2p_term = c2p.gather(-1, w)  # [i, j] = c2p[i, w(i - j)]
@@ -51,11 +55,12 @@ def dense_reference(q, k, v, c2p, p2c, rows, key_mask, scale, keep=None, dropout
 
 
 def kernel_inputs(length, cfg, batch=2, heads=2, d=16, pad_from=None, seed=0):
+    """q, k, v (heads B, L, d), the window's position queries and keys (heads, S, d), the
+    distance -> row table and a key mask whose last sequence is padded from `pad_from`."""
     lo, hi = relative_window(length, cfg)
     g = torch.Generator().manual_seed(seed)
-    n = heads * batch
-    tensors = [torch.randn(n, length, d, generator=g) for _ in range(3)]
-    tensors += [torch.randn(n, length, hi - lo, generator=g) for _ in range(2)]
+    tensors = [torch.randn(heads * batch, length, d, generator=g) for _ in range(3)]
+    tensors += [torch.randn(heads, hi - lo, d, generator=g) * 0.5 for _ in range(2)]
     mask = torch.ones(batch, length, dtype=torch.bool)
     if pad_from is not None:
         mask[-1, pad_from:] = False
@@ -86,7 +91,8 @@ def errors(got, want) -> dict[str, float]:
 
 def test_negative_control_index_shifted_by_one(cfg):
     """The comparison is sensitive: the kernel fed the distance table shifted by one row
-    (every c2p/p2c read one distance off) differs from the reference."""
+    (every c2p/p2c read one distance off) differs from the reference, in the output and in
+    the position gradients."""
     tensors, rows, mask = kernel_inputs(40, cfg, pad_from=30)
     shifted = torch.cat([rows[1:], rows[-1:]])
     out, grads, grad = run_kernel(tensors, shifted, mask)
@@ -117,7 +123,7 @@ def test_saturated_buckets():
     rows saturate at the window's ends."""
     cfg = DebertaV3Config.from_preset("tiny", position_buckets=32, max_relative_positions=64)
     tensors, rows, mask = kernel_inputs(100, cfg, pad_from=61)
-    assert tensors[3].shape[-1] == 64  # the whole 2k table is reachable
+    assert tensors[3].shape[1] == 64  # the whole 2k table is reachable
     out, grads, grad = run_kernel(tensors, rows, mask)
     errs = errors((out, grads), run_reference(tensors, rows, mask, grad))
     assert max(errs.values()) <= FP32_TOL, errs
