@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="runs of each case (default 2)")
     parser.add_argument("--shapes", default=SHAPES, help=f"batch x length list ({SHAPES})")
     parser.add_argument("--dtypes", default=DTYPES, help=f"precisions ({DTYPES})")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", help="internal: run one case (JSON) in this process")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(**json.loads(args.worker))))

@@ -196,8 +196,8 @@ def parse_cli() -> argparse.Namespace:
     parser.add_argument(
         "--impls", default=",".join(IMPLS), help=f"implementations ({','.join(IMPLS)})"
     )
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--gemm", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", help="internal: run one case (JSON) in this process")
+    parser.add_argument("--gemm", help="internal: measure the GEMM peak of one precision")
     return parser.parse_args()
 
 

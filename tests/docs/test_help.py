@@ -27,6 +27,8 @@ ARGPARSE_CLIS = [
     "launcher.demo",  # `make demo`
     "scripts/compare_sharing.py",
     "benchmarks/run_all.py",
+    "benchmarks/rtd_step.py",
+    "benchmarks/attention_block.py",
     "benchmarks/profile_step.py",
     "benchmarks/scaling.py",
     "benchmarks/precision.py",
