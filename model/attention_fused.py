@@ -26,6 +26,10 @@ import torch
 # query rows per tile: the (BLOCK, L) fp32 score tiles of a thread stay in L2 at L = 512
 # (benchmarks/attention_block.py measured 32, 64, 128: docs/performance.md)
 BLOCK = 64
+# tile products in bf16 (fp32 results and accumulators) for bf16 inputs: measured no clear
+# gain on an AVX512-BF16 CPU at 8 x 512 and a loss at 32 x 128 (more calls and casts per
+# tile; docs/performance.md), so off; kept for measuring on AMX machines
+BF16_TILES = False
 
 
 @functools.cache
@@ -59,10 +63,10 @@ def dropout_keep_mask(seed: int, n: int, length: int, dropout: float) -> torch.T
 class _FusedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pos_q, pos_k, rows, key_mask, scale, dropout, seed):
-        ext = _extension()
-        o, lse = ext.forward(q, k, v, pos_q, pos_k, rows, key_mask, scale, dropout, seed, BLOCK)
+        bf16_tiles = BF16_TILES and q.dtype == torch.bfloat16
+        ctx.args = (scale, dropout, seed, BLOCK, bf16_tiles)
+        o, lse = _extension().forward(q, k, v, pos_q, pos_k, rows, key_mask, *ctx.args)
         ctx.save_for_backward(q, k, v, pos_q, pos_k, rows, key_mask, lse)
-        ctx.args = (scale, dropout, seed, BLOCK)
         return o
 
     @staticmethod

@@ -152,24 +152,51 @@ struct Problem {  // shapes and scalars shared by forward and backward
   int64_t seed;
 };
 
-// The task's fp32 operands: q, k, v of n and the window's position queries/keys of its head.
+// Tile products in the GEMM dtype (fp32, or bf16 on CPUs whose bf16 GEMMs are faster; the
+// caller decides), with fp32 results and accumulators either way.
+struct Gemm {
+  at::ScalarType dtype;
+  at::Tensor cast(const at::Tensor& x) const {
+    return x.scalar_type() == dtype ? x : x.to(dtype);
+  }
+  void into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) const {  // out = a b
+    if (dtype == at::kFloat) {
+      at::mm_out(out, a, b);
+    } else {
+      out.copy_(at::mm(cast(a), cast(b)));
+    }
+  }
+  void add(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b,  // acc += alpha a b
+           double alpha = 1.0) const {
+    if (dtype == at::kFloat) {
+      acc.addmm_(a, b, 1.0, alpha);
+    } else {
+      acc.add_(at::mm(cast(a), cast(b)), alpha);
+    }
+  }
+};
+
+// The task's operands in the GEMM dtype: q, k, v of n and the window's position
+// queries/keys of its head.
 struct TaskTensors {
   at::Tensor q, k, v, pq, pk;
   TaskTensors(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-              const at::Tensor& pos_q, const at::Tensor& pos_k, int64_t n, int64_t B)
-      : q(q_[n].to(at::kFloat)),
-        k(k_[n].to(at::kFloat)),
-        v(v_[n].to(at::kFloat)),
-        pq(pos_q[n / B].to(at::kFloat)),
-        pk(pos_k[n / B].to(at::kFloat)) {}
+              const at::Tensor& pos_q, const at::Tensor& pos_k, int64_t n, int64_t B,
+              const Gemm& g)
+      : q(g.cast(q_[n])),
+        k(g.cast(k_[n])),
+        v(g.cast(v_[n])),
+        pq(g.cast(pos_q[n / B])),
+        pk(g.cast(pos_k[n / B])) {}
 };
 
-void forward_task(const Problem& pb, int64_t n, const TaskTensors& t, const int32_t* rev,
-                  const int8_t* kmask, at::Tensor& out, float* lse) {
+void forward_task(const Problem& pb, int64_t n, const TaskTensors& t, const Gemm& gemm,
+                  const int32_t* rev, const int8_t* kmask, at::Tensor& out, float* lse) {
   const int64_t L = pb.L, S = pb.S;
-  const auto opts = t.q.options();
+  const auto opts = t.q.options().dtype(at::kFloat);
   at::Tensor tile = at::empty({pb.block, L}, opts), c2p = at::empty({pb.block, S}, opts);
-  const at::Tensor p2c = at::mm(t.k, t.pq.t());  // (L, S): k_j against every window row
+  at::Tensor p2c = at::empty({L, S}, opts);
+  gemm.into(p2c, t.k, t.pq.t());  // (L, S): k_j against every window row
   at::Tensor of = at::empty({L, pb.D}, opts);
   const Dropout dropout(pb.drop, pb.seed, n);
   const int8_t* km = kmask ? kmask + (n % pb.B) * L : nullptr;
@@ -177,8 +204,8 @@ void forward_task(const Problem& pb, int64_t n, const TaskTensors& t, const int3
     const int64_t m = std::min(pb.block, L - i0);
     at::Tensor st = tile.narrow(0, 0, m), ct = c2p.narrow(0, 0, m);
     const at::Tensor q_blk = t.q.narrow(0, i0, m);
-    at::mm_out(st, q_blk, t.k.t());  // q k^T
-    at::mm_out(ct, q_blk, t.pk.t());  // c2p rows of the block
+    gemm.into(st, q_blk, t.k.t());  // q k^T
+    gemm.into(ct, q_blk, t.pk.t());  // c2p rows of the block
     float* ts = st.data_ptr<float>();
     add_position_terms(ts, i0, m, L, S, pb.scale, ct.data_ptr<float>(), p2c.data_ptr<float>(),
                        rev, km);
@@ -196,7 +223,7 @@ void forward_task(const Problem& pb, int64_t n, const TaskTensors& t, const int3
       }
     }
     at::Tensor o_blk = of.narrow(0, i0, m);
-    at::mm_out(o_blk, st, t.v);  // dropout(P) v
+    gemm.into(o_blk, st, t.v);  // dropout(P) v
   }
   out[n].copy_(of);
 }
@@ -237,14 +264,16 @@ struct Grads {  // backward's outputs; dpq, dpk per n (N, S, d) fp32, summed ove
   at::Tensor dq, dk, dv, dpq, dpk;
 };
 
-void backward_task(const Problem& pb, int64_t n, const TaskTensors& t, const int32_t* rev,
-                   const int8_t* kmask, const at::Tensor& dout, const float* lse, Grads& g) {
+void backward_task(const Problem& pb, int64_t n, const TaskTensors& t, const Gemm& gemm,
+                   const int32_t* rev, const int8_t* kmask, const at::Tensor& dout,
+                   const float* lse, Grads& g) {
   const int64_t L = pb.L, S = pb.S;
-  const auto opts = t.q.options();
-  const at::Tensor dof = dout[n].to(at::kFloat);
+  const auto opts = t.q.options().dtype(at::kFloat);
+  const at::Tensor dog = gemm.cast(dout[n]);
   at::Tensor tile = at::empty({pb.block, L}, opts), dtile = at::empty({pb.block, L}, opts);
   at::Tensor c2p = at::empty({pb.block, S}, opts), dc2p = at::empty({pb.block, S}, opts);
-  const at::Tensor p2c = at::mm(t.k, t.pq.t());  // (L, S), recomputed
+  at::Tensor p2c = at::empty({L, S}, opts);
+  gemm.into(p2c, t.k, t.pq.t());  // (L, S), recomputed
   at::Tensor dp2c = at::zeros({L, S}, opts);
   at::Tensor dqf = at::empty({L, pb.D}, opts);
   at::Tensor dkf = at::zeros({L, pb.D}, opts), dvf = at::zeros({L, pb.D}, opts);
@@ -255,25 +284,27 @@ void backward_task(const Problem& pb, int64_t n, const TaskTensors& t, const int
     const int64_t m = std::min(pb.block, L - i0);
     at::Tensor st = tile.narrow(0, 0, m), dt = dtile.narrow(0, 0, m);
     at::Tensor ct = c2p.narrow(0, 0, m), dct = dc2p.narrow(0, 0, m);
-    const at::Tensor q_blk = t.q.narrow(0, i0, m), do_blk = dof.narrow(0, i0, m);
-    at::mm_out(st, q_blk, t.k.t());
-    at::mm_out(ct, q_blk, t.pk.t());
+    const at::Tensor q_blk = t.q.narrow(0, i0, m), do_blk = dog.narrow(0, i0, m);
+    gemm.into(st, q_blk, t.k.t());
+    gemm.into(ct, q_blk, t.pk.t());
     add_position_terms(st.data_ptr<float>(), i0, m, L, S, pb.scale, ct.data_ptr<float>(),
                        p2c.data_ptr<float>(), rev, km);
-    at::mm_out(dt, do_blk, t.v.t());  // dO v^T
+    gemm.into(dt, do_blk, t.v.t());  // dO v^T
     dct.zero_();
     softmax_backward_block(pb, n, i0, m, st.data_ptr<float>(), dt.data_ptr<float>(), lse, rev,
                            dct.data_ptr<float>(), dp2c.data_ptr<float>());
-    dvf.addmm_(st.t(), do_blk);  // += dropout(P)^T dO
-    dkf.addmm_(dt.t(), q_blk, 1.0, pb.scale);  // += scale dS^T q
+    const at::Tensor ds = gemm.cast(dt), dsc = gemm.cast(dct);  // dS, d c2p of the block
+    gemm.add(dvf, st.t(), do_blk);  // += dropout(P)^T dO
+    gemm.add(dkf, ds.t(), q_blk, pb.scale);  // += scale dS^T q
     at::Tensor dq_blk = dqf.narrow(0, i0, m);
-    at::mm_out(dq_blk, dct, t.pk);  // d c2p PK
-    dq_blk.addmm_(dt, t.k, 1.0, pb.scale);  // + scale dS k
-    dpk.addmm_(dct.t(), q_blk);  // d PK += d c2p^T q
+    gemm.into(dq_blk, dsc, t.pk);  // d c2p PK
+    gemm.add(dq_blk, ds, t.k, pb.scale);  // + scale dS k
+    gemm.add(dpk, dsc.t(), q_blk);  // d PK += d c2p^T q
   }
-  dkf.addmm_(dp2c, t.pq);  // + d p2c PQ
+  const at::Tensor dp2c_g = gemm.cast(dp2c);
+  gemm.add(dkf, dp2c_g, t.pq);  // + d p2c PQ
   at::Tensor dpq = g.dpq[n];
-  at::mm_out(dpq, dp2c.t(), t.k);  // d PQ = d p2c^T k
+  gemm.into(dpq, dp2c_g.t(), t.k);  // d PQ = d p2c^T k
   g.dq[n].copy_(dqf);
   g.dk[n].copy_(dkf);
   g.dv[n].copy_(dvf);
@@ -317,16 +348,18 @@ Problem check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& pos_q, const at::Tensor& pos_k,
                                 const at::Tensor& rev, const c10::optional<at::Tensor>& kmask,
-                                double scale, double drop, int64_t seed, int64_t block) {
+                                double scale, double drop, int64_t seed, int64_t block,
+                                bool bf16_tiles) {
   const Problem pb = check_inputs(q, k, v, pos_q, pos_k, rev, kmask, scale, drop, seed, block);
+  const Gemm gemm{bf16_tiles ? at::kBFloat16 : at::kFloat};
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({pb.N, pb.L}, q.options().dtype(at::kFloat));
   const int8_t* km = kmask.has_value() ? kmask->data_ptr<int8_t>() : nullptr;
   at::parallel_for(0, pb.N, 1, [&](int64_t begin, int64_t end) {
     const TaskGuards guards;
     for (int64_t n = begin; n < end; ++n) {
-      const TaskTensors t(q, k, v, pos_q, pos_k, n, pb.B);
-      forward_task(pb, n, t, rev.data_ptr<int32_t>(), km, out, lse.data_ptr<float>());
+      const TaskTensors t(q, k, v, pos_q, pos_k, n, pb.B, gemm);
+      forward_task(pb, n, t, gemm, rev.data_ptr<int32_t>(), km, out, lse.data_ptr<float>());
     }
   });
   return {out, lse};
@@ -338,8 +371,9 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q,
                                  const at::Tensor& pos_q, const at::Tensor& pos_k,
                                  const at::Tensor& rev, const c10::optional<at::Tensor>& kmask,
                                  const at::Tensor& lse, double scale, double drop,
-                                 int64_t seed, int64_t block) {
+                                 int64_t seed, int64_t block, bool bf16_tiles) {
   const Problem pb = check_inputs(q, k, v, pos_q, pos_k, rev, kmask, scale, drop, seed, block);
+  const Gemm gemm{bf16_tiles ? at::kBFloat16 : at::kFloat};
   TORCH_CHECK(dout.sizes() == q.sizes() && dout.is_contiguous(), "dout must be like q");
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.numel() == pb.N * pb.L, "lse (N, L) fp32");
   const auto f32 = q.options().dtype(at::kFloat);
@@ -349,8 +383,8 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q,
   at::parallel_for(0, pb.N, 1, [&](int64_t begin, int64_t end) {
     const TaskGuards guards;
     for (int64_t n = begin; n < end; ++n) {
-      const TaskTensors t(q, k, v, pos_q, pos_k, n, pb.B);
-      backward_task(pb, n, t, rev.data_ptr<int32_t>(), km, dout, lse.data_ptr<float>(), g);
+      const TaskTensors t(q, k, v, pos_q, pos_k, n, pb.B, gemm);
+      backward_task(pb, n, t, gemm, rev.data_ptr<int32_t>(), km, dout, lse.data_ptr<float>(), g);
     }
   });
   return {g.dq, g.dk, g.dv, g.dpq, g.dpk};

@@ -216,9 +216,11 @@ def test_attention_block_fused_matches_eager_fp32(cfg, length, pad_from):
         assert relative_l2(grads[name], g) <= FP32_TOL, name
 
 
-def test_attention_block_fused_bf16(cfg):
-    """bf16 autocast: fused within BF16_TOL of fp32 eager, and no worse than 1.5x eager's
-    own bf16 error, for the output and every gradient."""
+@pytest.mark.parametrize("bf16_tiles", [False, True])
+def test_attention_block_fused_bf16(cfg, bf16_tiles, monkeypatch):
+    """bf16 autocast, tile products in fp32 or in bf16: fused within BF16_TOL of fp32 eager,
+    and no worse than 1.5x eager's own bf16 error, for the output and every gradient."""
+    monkeypatch.setattr(af, "BF16_TILES", bf16_tiles)
     eager, fused = attention_pair()
     fused.load_state_dict(eager.state_dict())
     inputs = block_inputs(cfg, 2, 160, 100)
