@@ -69,8 +69,9 @@ class ModelSection:
     dropout: float = 0.1  # hidden and attention dropout
     gradient_checkpointing: bool = False
     # attention kernels: "auto" (fused Triton kernels on CUDA when triton imports, the fused
-    # C++ kernel on CPU when built, else eager), "eager" (the reference PyTorch path),
-    # "fused" (model/attention_fused.py, CPU) or "triton" (model/attention_triton.py)
+    # C++ kernel on CPU from 512 tokens on when built, else eager), "eager" (the reference
+    # PyTorch path), "fused" (model/attention_fused.py, CPU) or "triton"
+    # (model/attention_triton.py)
     attention_impl: str = "auto"
 
 

@@ -170,6 +170,13 @@ def fused_unavailable() -> str | None:
     return attention_fused.unavailable()
 
 
+# `auto` on the CPU runs the fused kernel from this length on: below it the kernel's
+# per-tile overheads (small GEMMs, one task per batch x head) lose to eager's batched
+# matmuls (RTD step at 32 x 128 bf16: 0.6x of eager; at 8 x 512: 1.1-1.2x faster; the
+# attention block at 2 x 2048: 1.6-3.3x; docs/performance.md)
+FUSED_MIN_LENGTH = 512
+
+
 @functools.cache
 def _auto_cpu() -> str:
     """ "fused" when the extension imports, else "eager", saying so once per process."""
@@ -179,14 +186,16 @@ def _auto_cpu() -> str:
     return "fused"
 
 
-def resolve_attention_impl(name: str, device: torch.device) -> str:
+def resolve_attention_impl(name: str, device: torch.device, seq_len: int | None = None) -> str:
     """The attention a forward on `device` runs for `DebertaV3Config.attention_impl`: "auto"
-    is "triton" on CUDA when triton imports, "fused" on CPU when the extension is built, and
-    "eager" otherwise (with one log line when the CPU kernel is missing)."""
+    is "triton" on CUDA when triton imports; on CPU "fused" from `FUSED_MIN_LENGTH` tokens on
+    when the extension is built (one log line when it is not), else "eager"."""
     if name == "auto":
         if device.type == "cuda":
             return "triton" if _triton_import_error() is None else "eager"
-        return _auto_cpu() if device.type == "cpu" else "eager"
+        if device.type != "cpu" or (seq_len is not None and seq_len < FUSED_MIN_LENGTH):
+            return "eager"
+        return _auto_cpu()
     if name == "triton" and (reason := triton_unavailable(device)):
         raise RuntimeError(f"attention_impl='triton': {reason}")
     if name == "fused":
@@ -239,7 +248,7 @@ class DisentangledSelfAttention(nn.Module):
         rel = self.pos_dropout(rel_embeddings)
         pos_q = self._split(self.query_proj(rel)) * self.scale  # (heads, S, d)
         pos_k = self._split(self.key_proj(rel)) * self.scale  # (heads, S, d)
-        impl = resolve_attention_impl(self.attention_impl, x.device)
+        impl = resolve_attention_impl(self.attention_impl, x.device, length)
         if impl != "eager":
             ctx = self._kernel(impl, q, k, v, pos_q, pos_k, rel_table_index, key_mask)
             return ctx.permute(1, 2, 0, 3).reshape(batch, length, hidden)  # (B, L, H)

@@ -104,8 +104,8 @@ class DebertaV3Config:
     pad_token_id: int = 0
     gradient_checkpointing: bool = False  # not an HF field: torch.utils.checkpoint per layer
     # not an HF field: the attention kernels (model.backbone.resolve_attention_impl), "auto"
-    # (Triton on CUDA when it imports, the fused C++ kernel on CPU when built, else eager),
-    # "eager", "fused" or "triton"
+    # (Triton on CUDA when it imports, the fused C++ kernel on CPU from 512 tokens on when
+    # built, else eager), "eager", "fused" or "triton"
     attention_impl: str = "auto"
 
     PRESETS: ClassVar[dict[str, dict[str, int]]] = {

@@ -282,13 +282,16 @@ def fresh_auto():
 def test_auto_picks_fused_on_the_cpu_and_falls_back_with_one_log_line(
     fresh_auto, monkeypatch, caplog
 ):
-    assert resolve_attention_impl("auto", torch.device("cpu")) == "fused"
+    cpu = torch.device("cpu")
+    assert resolve_attention_impl("auto", cpu, backbone.FUSED_MIN_LENGTH) == "fused"
+    assert resolve_attention_impl("auto", cpu, backbone.FUSED_MIN_LENGTH - 1) == "eager"
+    assert resolve_attention_impl("fused", cpu, 7) == "fused"  # asked for: any length
     backbone._auto_cpu.cache_clear()
     missing = "the extension model._fused_attention is not built (no module); run `make venv`"
     monkeypatch.setattr(backbone, "fused_unavailable", lambda: missing)
     with caplog.at_level(logging.WARNING, logger="model.backbone"):
-        assert resolve_attention_impl("auto", torch.device("cpu")) == "eager"
-        assert resolve_attention_impl("auto", torch.device("cpu")) == "eager"
+        assert resolve_attention_impl("auto", cpu, 512) == "eager"
+        assert resolve_attention_impl("auto", cpu, 1024) == "eager"
     lines = [r.getMessage() for r in caplog.records if r.name == "model.backbone"]
     assert lines == [f"attention_impl='auto' runs the eager attention on CPU: {missing}"]
     with pytest.raises(RuntimeError, match=r"attention_impl='fused': the extension .* not built"):
