@@ -21,7 +21,11 @@ DS_OPS ?= DS_BUILD_SHM_COMM=1 DS_BUILD_FUSED_ADAM=1 DS_BUILD_CPU_ADAM=1
 
 # torch goes in alone so pip takes the pinned CPU build; deepspeed then builds against it
 # (--no-cache-dir: a cached wheel may have been built without the ops).
-$(STAMP): requirements.txt pyproject.toml Makefile
+# The fused attention kernel (model/csrc) is compiled last, against the installed torch,
+# into model/_fused_attention*.so (about a minute; `attention_impl=auto` uses it on CPU).
+FUSED_SRC := model/csrc/disentangled_attention.cpp model/csrc/setup.py
+
+$(STAMP): requirements.txt pyproject.toml Makefile $(FUSED_SRC)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "pip==25.3"
 	$(BIN)/python -m pip install -q "$$(grep '^torch==' requirements.txt)"
@@ -30,6 +34,8 @@ $(STAMP): requirements.txt pyproject.toml Makefile
 	$(BIN)/python scripts/check_ds_ops.py $(DS_OPS)
 	$(BIN)/python -m pip install -q --no-build-isolation -r requirements.txt
 	$(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
+	$(BIN)/python model/csrc/setup.py -q build_ext --inplace
+	$(BIN)/python -c "from model.backbone import fused_unavailable as f; assert not f(), f()"
 	touch $(STAMP)
 
 # test-only packages (requirements-test.txt: triton for the interpreter tests of the GPU kernels)
@@ -80,4 +86,4 @@ gpu-wheels: venv
 	du -sh $(GPU_WHEELS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache build model/_fused_attention*.so

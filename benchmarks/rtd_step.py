@@ -2,20 +2,26 @@
 
 One RTD step (He, Gao, Chen, arXiv 2111.09543) is masking, generator forward + MLM loss,
 sampling, discriminator forward + RTD loss, and backward of MLM + 50 * RTD, with GDES.
-Both sides run the same step at the xsmall shape (vocab 128100):
-- "ours": `model.RTDModel` (vocabulary logits at masked positions only).
+All run the same step at the xsmall shape (vocab 128100):
+- "eager": `model.RTDModel` (vocabulary logits at masked positions only) with the eager
+  attention (`attention_impl="eager"`, the PyTorch reference path).
+- "fused": the same model with the fused C++ attention kernel (`attention_impl="fused"`,
+  model/attention_fused.py; what `auto` picks on CPU when the extension is built).
 - "hf": `DebertaV2ForMaskedLM` generator (half depth; its loss computes logits over every
   token, as HF does) + `DebertaV2Model` discriminator fed sg(E_G) + E_delta + our `RTDHead`.
 
 Each (implementation, shape, precision) runs in its own subprocess so peak RSS is its own.
-Each case runs `--rounds` times, alternating which side goes first, so that a slow minute on
-this shared VM hits both sides; the table gives the median step over rounds and the range of
-the per-round ratios. MFU = achieved useful FLOP/s (`model.rtd_flops_per_sample`, identical
-for both sides) over a GEMM peak measured here, at the same thread count and precision.
+Each case runs `--rounds` times, rotating which implementation goes first, so that a slow
+minute on this shared VM hits all of them; the table gives the median step over rounds and
+the range of the per-round ratios (fused / eager and fused / hf: how many times faster).
+MFU = achieved useful FLOP/s (`model.rtd_flops_per_sample`, identical for all) over a GEMM
+peak measured here, at the same thread count and precision. The CPU model and its matrix
+instructions (AMX, AVX-512) head the table: the ratios differ between machines.
 
     python benchmarks/rtd_step.py               # 2 rounds of 1 warm-up + 2 timed steps
     python benchmarks/rtd_step.py --quick       # 1 round of 1 warm-up + 1 timed step
     python benchmarks/rtd_step.py --rounds 3
+    python benchmarks/rtd_step.py --quick --shapes 2x2048 --dtypes bf16 --impls eager,fused
 """
 
 from __future__ import annotations
@@ -42,8 +48,9 @@ from model.heads import RTDHead
 
 VOCAB = 128100
 SPECIAL = SpecialTokens(pad_id=0, cls_id=1, sep_id=2, unk_id=3, mask_id=128000, vocab_size=VOCAB)
-SHAPES = [(8, 512), (32, 128)]
-DTYPES = ["fp32", "bf16"]
+SHAPES = "8x512,32x128"
+DTYPES = "fp32,bf16"
+IMPLS = ("eager", "fused", "hf")
 MASK_PROB, RTD_WEIGHT = 0.15, 50.0
 
 
@@ -97,14 +104,14 @@ def worker(impl: str, dtype: str, batch: int, seq_len: int, warmup: int, iters: 
     """Time fwd+bwd steps of one implementation in this (fresh) process."""
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    cfg = DebertaV3Config.from_preset("xsmall", vocab_size=VOCAB)
-    if impl == "ours":
+    if impl != "hf":
+        cfg = DebertaV3Config.from_preset("xsmall", vocab_size=VOCAB, attention_impl=impl)
         model = RTDModel(cfg, SPECIAL, mask_prob=MASK_PROB, rtd_weight=RTD_WEIGHT)
 
         def loss_of(ids, mask, g):
             return model(ids, mask, generator=g).loss
     else:
-        model = HFReferenceRTD(cfg, SPECIAL)
+        model = HFReferenceRTD(DebertaV3Config.from_preset("xsmall", vocab_size=VOCAB), SPECIAL)
         loss_of = model
     model.train()
     ids, mask = make_batch(batch, seq_len)
@@ -152,15 +159,60 @@ def run_subprocess(args: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def cpu_description() -> str:
+    """The CPU model and the matrix/vector instructions it has (from /proc/cpuinfo)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "CPU unknown"
+    name = next(
+        (ln.split(":", 1)[1].strip() for ln in info.splitlines() if "model name" in ln), "?"
+    )
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if "flags" in ln), [])
+    isa = [f for f in ("amx_tile", "amx_bf16", "avx512f", "avx512_bf16", "avx2") if f in flags]
+    return (
+        f"CPU: {name} ({', '.join(isa) or 'no AVX2'}; AMX {'yes' if 'amx_tile' in isa else 'no'})"
+    )
+
+
+def ratio_text(runs: dict, num: str, den: str) -> str:
+    """median(den) / median(num) and the range of the per-round ratios."""
+    med = {k: statistics.median(r["step_s"] for r in runs[k]) for k in (num, den)}
+    per_round = [d["step_s"] / n["step_s"] for n, d in zip(runs[num], runs[den], strict=True)]
+    text = f"{med[den] / med[num]:.2f}x"
+    if len(per_round) > 1:
+        text += f" ({min(per_round):.2f}-{max(per_round):.2f})"
+    return text
+
+
+def parse_cli() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="1 round of 1 warm-up + 1 timed step")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each case (default 2)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--gemm", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument("--shapes", default=SHAPES, help=f"batch x length list ({SHAPES})")
+    parser.add_argument("--dtypes", default=DTYPES, help=f"precisions ({DTYPES})")
+    parser.add_argument(
+        "--impls", default=",".join(IMPLS), help=f"implementations ({','.join(IMPLS)})"
+    )
+    parser.add_argument("--worker", help="internal: run one case (JSON) in this process")
+    parser.add_argument("--gemm", help="internal: measure the GEMM peak of one precision")
+    return parser.parse_args()
+
+
+def run_case(impls: list[str], spec: dict, rounds: int) -> dict[str, list[dict]]:
+    """Every implementation `rounds` times, each round starting with the next one."""
+    runs = {impl: [] for impl in impls}
+    for round_ in range(rounds):
+        order = impls[round_ % len(impls) :] + impls[: round_ % len(impls)]
+        for impl in order:
+            runs[impl].append(run_subprocess(["--worker", json.dumps({"impl": impl, **spec})]))
+    return runs
+
+
+def main() -> None:
+    args = parse_cli()
     if args.worker:
         print(json.dumps(worker(**json.loads(args.worker))))
         return
@@ -172,8 +224,10 @@ def main() -> None:
 
     warmup, iters = (1, 1) if args.quick else (1, 2)
     rounds = 1 if args.quick else max(1, args.rounds)
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    dtypes, impls = args.dtypes.split(","), args.impls.split(",")
     load = os.getloadavg()
-    peaks = {dt: run_subprocess(["--gemm", dt])["flops"] for dt in DTYPES}
+    peaks = {dt: run_subprocess(["--gemm", dt])["flops"] for dt in dtypes}
     cfg = DebertaV3Config.from_preset("xsmall", vocab_size=VOCAB)
     from importlib.metadata import version
 
@@ -183,36 +237,33 @@ def main() -> None:
         f"{rounds} round(s) of {warmup} warm-up + {iters} timed steps (median), "
         f"load average at start {load[0]:.2f}"
     )
+    print(cpu_description())
     gemm = ", ".join(f"{d} {p / 1e9:.0f} GFLOP/s" for d, p in peaks.items())
     print(f"GEMM peak (2048^3, 2 threads): {gemm}")
     print()
     print(
-        "| batch x len | precision | impl | step (s) | tokens/s | ours / hf (rounds) | MFU "
-        "| peak RSS (MB) |"
+        "| batch x len | precision | impl | step (s) | tokens/s | fused / eager | fused / hf "
+        "| MFU | peak RSS (MB) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    for batch, seq_len in SHAPES:
+    print("|---|---|---|---|---|---|---|---|---|")
+    for batch, seq_len in shapes:
         flops = rtd_flops_per_sample(cfg, cfg.generator_config(), seq_len, MASK_PROB)
-        for dtype in DTYPES:
-            runs = {"ours": [], "hf": []}
-            for round_ in range(rounds):
-                for impl in ("ours", "hf") if round_ % 2 == 0 else ("hf", "ours"):
-                    spec = {"impl": impl, "dtype": dtype, "batch": batch, "seq_len": seq_len}
-                    spec.update(warmup=warmup, iters=iters)
-                    runs[impl].append(run_subprocess(["--worker", json.dumps(spec)]))
-            step = {impl: statistics.median(r["step_s"] for r in rs) for impl, rs in runs.items()}
-            per_round = [
-                h["step_s"] / o["step_s"] for o, h in zip(runs["ours"], runs["hf"], strict=True)
-            ]
-            ratio = f"{step['hf'] / step['ours']:.2f}x"
-            if rounds > 1:
-                ratio += f" ({min(per_round):.2f}-{max(per_round):.2f})"
+        for dtype in dtypes:
+            spec = {"dtype": dtype, "batch": batch, "seq_len": seq_len}
+            runs = run_case(impls, {**spec, "warmup": warmup, "iters": iters}, rounds)
+            ratios = {
+                other: ratio_text(runs, "fused", other) if "fused" in runs else ""
+                for other in ("eager", "hf")
+                if other in runs
+            }
             for impl, rs in runs.items():
-                mfu = batch / step[impl] * flops / peaks[dtype]
+                step = statistics.median(r["step_s"] for r in rs)
+                mfu = batch / step * flops / peaks[dtype]
                 rss = max(r["peak_rss_mb"] for r in rs)
+                cells = [ratios.get(o, "") if impl == "fused" else "" for o in ("eager", "hf")]
                 print(
-                    f"| {batch} x {seq_len} | {dtype} | {impl} | {step[impl]:.2f} | "
-                    f"{batch * seq_len / step[impl]:.0f} | {ratio if impl == 'ours' else ''} | "
+                    f"| {batch} x {seq_len} | {dtype} | {impl} | {step:.2f} | "
+                    f"{batch * seq_len / step:.0f} | {cells[0]} | {cells[1]} | "
                     f"{mfu:.1%} | {rss:.0f} |",
                     flush=True,
                 )

@@ -33,7 +33,7 @@ except ModuleNotFoundError:  # Python 3.10 (a GPU image's python may be older th
 import torch
 
 from model import DebertaV3Config, check_rtd_options
-from model.backbone import triton_unavailable
+from model.backbone import fused_unavailable, triton_unavailable
 from model.config import check_attention_impl
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -71,8 +71,10 @@ class ModelSection:
     rtd_weight: float = 50.0  # lambda in loss = MLM + lambda * RTD
     dropout: float = 0.1  # hidden and attention dropout
     gradient_checkpointing: bool = False
-    # attention kernels: "auto" (fused Triton kernels on CUDA when triton imports, else
-    # eager), "eager" (the reference PyTorch path) or "triton" (model/attention_triton.py)
+    # attention kernels: "auto" (fused Triton kernels on CUDA when triton imports, the fused
+    # C++ kernel on CPU from 512 tokens on when built, else eager), "eager" (the reference
+    # PyTorch path), "fused" (model/attention_fused.py, CPU) or "triton"
+    # (model/attention_triton.py)
     attention_impl: str = "auto"
 
 
@@ -373,7 +375,8 @@ def resolve_path(p: str) -> Path:
 
 
 def check_attention(impl: str) -> None:
-    """model.attention_impl: a known choice, and "triton" only where it can run (CUDA)."""
+    """model.attention_impl: a known choice, "triton" only where it can run (CUDA) and
+    "fused" only where its extension is built."""
     try:
         check_attention_impl(impl)
     except ValueError as e:
@@ -382,6 +385,8 @@ def check_attention(impl: str) -> None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if reason := triton_unavailable(device):
             raise ConfigError(f"model.attention_impl='triton': {reason}; use auto or eager")
+    if impl == "fused" and (reason := fused_unavailable()):
+        raise ConfigError(f"model.attention_impl='fused': {reason}; or use auto or eager")
 
 
 def validate(cfg: RunConfig, world_size: int) -> None:

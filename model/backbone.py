@@ -25,6 +25,7 @@ reachable at length L (2L - 1 up to L = k/2 + 1, at most 2k), V vocabulary.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 
 import torch
@@ -35,6 +36,8 @@ from torch.utils.checkpoint import checkpoint
 from model.config import DebertaV3Config
 from model.dropout import Dropout, dropout_matmul
 from model.precision import autocast_input
+
+logger = logging.getLogger(__name__)
 
 
 def init_weights(module: nn.Module, std: float) -> None:
@@ -159,21 +162,56 @@ def triton_unavailable(device: torch.device) -> str | None:
     return None
 
 
-def resolve_attention_impl(name: str, device: torch.device) -> str:
+def fused_unavailable() -> str | None:
+    """Why `attention_impl="fused"` cannot run (None when it can): the compiled CPU kernel
+    (model/csrc, built by `make venv`) must import."""
+    from model import attention_fused
+
+    return attention_fused.unavailable()
+
+
+# `auto` on the CPU runs the fused kernel from this length on: below it the kernel's
+# per-tile overheads (small GEMMs, one task per batch x head) lose to eager's batched
+# matmuls (RTD step at 32 x 128 bf16: 0.6x of eager; at 8 x 512: 1.1-1.2x faster; the
+# attention block at 2 x 2048: 1.6-3.3x; docs/performance.md)
+FUSED_MIN_LENGTH = 512
+
+
+@functools.cache
+def _auto_cpu() -> str:
+    """ "fused" when the extension imports, else "eager", saying so once per process."""
+    if reason := fused_unavailable():
+        logger.warning("attention_impl='auto' runs the eager attention on CPU: %s", reason)
+        return "eager"
+    return "fused"
+
+
+def resolve_attention_impl(name: str, device: torch.device, seq_len: int | None = None) -> str:
     """The attention a forward on `device` runs for `DebertaV3Config.attention_impl`: "auto"
-    is "triton" on CUDA when triton imports and "eager" otherwise (the CPU)."""
+    is "triton" on CUDA when triton imports; on CPU "fused" from `FUSED_MIN_LENGTH` tokens on
+    when the extension is built (one log line when it is not), else "eager"."""
     if name == "auto":
-        return "triton" if device.type == "cuda" and _triton_import_error() is None else "eager"
+        if device.type == "cuda":
+            return "triton" if _triton_import_error() is None else "eager"
+        if device.type != "cpu" or (seq_len is not None and seq_len < FUSED_MIN_LENGTH):
+            return "eager"
+        return _auto_cpu()
     if name == "triton" and (reason := triton_unavailable(device)):
         raise RuntimeError(f"attention_impl='triton': {reason}")
+    if name == "fused":
+        if device.type != "cpu":
+            raise RuntimeError(f"attention_impl='fused' runs on CPU tensors (here: {device.type})")
+        if reason := fused_unavailable():
+            raise RuntimeError(f"attention_impl='fused': {reason}")
     return name
 
 
 class DisentangledSelfAttention(nn.Module):
     """Attention with content->content, content->position and position->content scores
     (DeBERTa eq. 4), scaled by 1/sqrt(3 d) because three terms are summed. The eager path
-    below is the reference; `attention_impl` may pick the fused Triton kernels instead
-    (model/attention_triton.py, same semantics)."""
+    below is the reference; `attention_impl` may pick a fused kernel instead, with the same
+    semantics: Triton on CUDA (model/attention_triton.py) or C++ on CPU
+    (model/attention_fused.py)."""
 
     def __init__(self, cfg: DebertaV3Config):
         super().__init__()
@@ -210,8 +248,9 @@ class DisentangledSelfAttention(nn.Module):
         rel = self.pos_dropout(rel_embeddings)
         pos_q = self._split(self.query_proj(rel)) * self.scale  # (heads, S, d)
         pos_k = self._split(self.key_proj(rel)) * self.scale  # (heads, S, d)
-        if resolve_attention_impl(self.attention_impl, x.device) == "triton":
-            ctx = self._triton(q, k, v, pos_q, pos_k, rel_table_index, key_mask)
+        impl = resolve_attention_impl(self.attention_impl, x.device, length)
+        if impl != "eager":
+            ctx = self._kernel(impl, q, k, v, pos_q, pos_k, rel_table_index, key_mask)
             return ctx.permute(1, 2, 0, 3).reshape(batch, length, hidden)  # (B, L, H)
         # Toeplitz tables over distances (gathers on the smallest tensors): (heads, 2L-1, d)
         pos_k = pos_k.index_select(1, rel_table_index)  # column c: distance L-1-c
@@ -239,20 +278,30 @@ class DisentangledSelfAttention(nn.Module):
         """(S, H) -> (heads, S, d)"""
         return x.unflatten(-1, (self.heads, self.head_dim)).transpose(0, 1)
 
-    def _triton(self, q, k, v, pos_q, pos_k, rel_table_index, key_mask) -> torch.Tensor:
-        """The same attention from the fused kernels: c2p and p2c against the S window rows
-        (GEMMs), gathered by distance inside the kernels. Returns (heads, B, L, d)."""
+    def _kernel(self, impl, q, k, v, pos_q, pos_k, rel_table_index, key_mask) -> torch.Tensor:
+        """The same attention from a fused kernel: "fused" takes the window's position
+        queries and keys and computes c2p and p2c in its tiles; "triton" gathers from c2p and
+        p2c against the S window rows (GEMMs here). Returns (heads, B, L, d)."""
+        heads, batch, length, d = q.shape
+        dropout = self.probs_dropout if self.training else 0.0
+        if impl == "fused":
+            from model import attention_fused
+
+            q, k, v = (t.view(-1, length, d) for t in (q, k, v))  # (heads B, L, d)
+            ctx = attention_fused.disentangled_attention(
+                q, k, v, pos_q, pos_k, rel_table_index, key_mask, self.scale, dropout
+            )
+            return ctx.view(heads, batch, length, d)
         from model import attention_triton
 
         attention_triton.check_buckets(*self.buckets)
-        heads, batch, length, d = q.shape
         flat = (heads, batch * length, d)
         c2p = (q.view(flat) @ pos_k.transpose(1, 2)).view(heads * batch, length, -1)  # (N, L, S)
         p2c = (k.view(flat) @ pos_q.transpose(1, 2)).view(heads * batch, length, -1)  # (N, L, S)
         q, k, v = (t.view(-1, length, d) for t in (q, k, v))  # (heads B, L, d)
         ctx = attention_triton.disentangled_attention(
             q, k, v, c2p, p2c, rel_table_index.flip(0),  # rows by distance -(L-1) .. L-1
-            key_mask, self.scale, self.probs_dropout if self.training else 0.0,
+            key_mask, self.scale, dropout,
         )  # fmt: skip
         return ctx.view(heads, batch, length, d)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 VOCAB_MULTIPLE = 128
-ATTENTION_IMPLS = ("auto", "eager", "triton")
+ATTENTION_IMPLS = ("auto", "eager", "fused", "triton")
 # fields of this config that are not Hugging Face's: never written into a config.json
 _NOT_HF = ("gradient_checkpointing", "attention_impl")
 DEBERTA_V3_VOCAB = 128100
@@ -26,11 +26,6 @@ MDEBERTA_V3_VOCAB = 251000
 
 def check_attention_impl(name: str) -> None:
     """Raise ValueError (message starting with the field name) for an unknown attention_impl."""
-    if name == "fused":
-        raise ValueError(
-            "attention_impl='fused' is not available yet (the fused CPU kernel, issue 16); "
-            f"choices: {', '.join(ATTENTION_IMPLS)}"
-        )
     if name not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl={name!r}; choices: {', '.join(ATTENTION_IMPLS)}")
 
@@ -109,7 +104,8 @@ class DebertaV3Config:
     pad_token_id: int = 0
     gradient_checkpointing: bool = False  # not an HF field: torch.utils.checkpoint per layer
     # not an HF field: the attention kernels (model.backbone.resolve_attention_impl), "auto"
-    # (Triton on CUDA when it imports, else eager), "eager" or "triton"
+    # (Triton on CUDA when it imports, the fused C++ kernel on CPU from 512 tokens on when
+    # built, else eager), "eager", "fused" or "triton"
     attention_impl: str = "auto"
 
     PRESETS: ClassVar[dict[str, dict[str, int]]] = {

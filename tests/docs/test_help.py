@@ -29,6 +29,8 @@ ARGPARSE_CLIS = [
     "launcher.plan",
     "scripts/compare_sharing.py",
     "benchmarks/run_all.py",
+    "benchmarks/rtd_step.py",
+    "benchmarks/attention_block.py",
     "benchmarks/profile_step.py",
     "benchmarks/scaling.py",
     "benchmarks/precision.py",

@@ -2,7 +2,8 @@
 
 Every comparison starts with a negative control (independently initialised weights give
 different outputs) so that it cannot pass vacuously, then copies our weights into the
-reference with a strict `load_state_dict` and compares outputs and gradients.
+reference with a strict `load_state_dict` and compares outputs and gradients. Each test
+runs with the eager attention and with the fused CPU kernel (`attention_impl`).
 
 Padding: HF also masks attention *from* padded query positions (its pad outputs attend
 uniformly to everything); we mask keys only. Outputs at non-pad positions are identical and
@@ -16,10 +17,19 @@ import transformers
 from torch.testing import assert_close
 
 from launcher.hf.mapping import to_hf
-from model import DebertaV3Backbone, RTDModel
+from model import DebertaV3Backbone, DebertaV3Config, RTDModel
 from model.backbone import relative_shift, relative_table_index, relative_window
 from model.vocab_head import VocabTargets
 from tests.model.conftest import SPECIAL, make_batch
+
+
+@pytest.fixture(params=["eager", "fused"])
+def cfg(request) -> DebertaV3Config:
+    """The tiny preset, dropout off, with each CPU attention implementation."""
+    return DebertaV3Config.from_preset(
+        "tiny", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        attention_impl=request.param,
+    )  # fmt: skip
 
 
 def hf_config(cfg):
