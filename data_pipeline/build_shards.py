@@ -1,11 +1,15 @@
-"""Build Arrow shards from CC100-style text: read, encode in parallel, pack, publish.
+"""Build Arrow shards from a corpus: read, encode in parallel, pack, publish.
+
+Inputs: CC100 text, Parquet, JSON Lines (.gz/.zst/.xz) or saved `datasets` directories, one
+language each, the format found from the path or named by --input-format
+(data_pipeline/formats.py); the same documents give the same shards in any format.
 
     python -m data_pipeline.build_shards --input data/cc100-sample --tokenizer TOK \\
         --out SHARDS --seq-len 512 --workers 8
     mpirun -np 16 python -m data_pipeline.build_shards ...   # files split across ranks
     python -m data_pipeline.build_shards ... --out s3://BUCKET/PREFIX  # object storage
 
-Each input file (one language) is read in order by one process, which batches documents to
+Each input (one language) is read in order by one process, which batches documents to
 `--workers` encoder processes and packs the results in order, so the rows of a language
 depend on nothing but the file, the tokenizer and the settings: 1 or N workers, 1 or K MPI
 ranks give byte-identical shards. Under mpirun (mpi4py) rank r takes a size-balanced share
@@ -68,8 +72,14 @@ from data_pipeline.corpus import (
     CorpusError,
     InputFile,
     ReadStats,
+)
+from data_pipeline.formats import (
+    ReadOptions,
+    add_read_arguments,
+    bad_records,
     discover_inputs,
     read_document_pieces,
+    read_options,
 )
 from data_pipeline.manifest import (
     FORMAT_VERSION,
@@ -102,7 +112,6 @@ class BuildSettings:
 
     def key(self, inp: InputFile, tok: TokenizerInfo, split: SplitSettings | None) -> str:
         """Identifies one file's output; a finished file is reused only if this matches."""
-        st = inp.path.stat()
         blob = json.dumps(
             [
                 FORMAT_VERSION,
@@ -110,9 +119,7 @@ class BuildSettings:
                 self.shard_rows,
                 self.max_paragraph_chars,
                 tok.sha256,
-                inp.path.name,
-                st.st_size,
-                st.st_mtime_ns,
+                *inp.stamp(),  # name, size, mtime (and a record format's fields)
                 split.as_dict() if split is not None else None,
             ],
         )
@@ -413,13 +420,17 @@ def _mpi_comm():
 
 
 def plan_jobs(
-    inputs: list, valid_inputs: list | None, out_dir: Path, valid_split: SplitSettings | None
+    inputs: list,
+    valid_inputs: list | None,
+    out_dir: Path,
+    valid_split: SplitSettings | None,
+    options: ReadOptions | None = None,
 ) -> list[Job]:
     """Every file of the build (all input errors before any work): --input files into
     out_dir, setting documents aside when `valid_split` is on and there are no --valid-input
-    files, which otherwise go into out_dir/valid."""
-    files = discover_inputs(inputs)
-    valid_files = discover_inputs(valid_inputs) if valid_inputs else []
+    files, which otherwise go into out_dir/valid. `options`: formats and record fields."""
+    files = discover_inputs(inputs, options)
+    valid_files = discover_inputs(valid_inputs, options) if valid_inputs else []
     both = {f.path.resolve() for f in files} & {f.path.resolve() for f in valid_files}
     if both:
         raise CorpusError(
@@ -457,15 +468,17 @@ def build_shards(
     valid_inputs: list[str] | None = None,
     progress: bool = True,
     comm=None,
+    options: ReadOptions | None = None,
 ) -> Manifest | None:
     """Build shards + manifest (and the validation split, out_dir/valid); returns the
     training Manifest on rank 0 (None on other ranks). `valid_split` None or fraction 0:
-    no split; `valid_inputs`: these files are the split, nothing is set aside.
+    no split; `valid_inputs`: these files are the split, nothing is set aside; `options`:
+    the input format (default: from each path) and record fields (data_pipeline/formats.py).
 
     Raises `NoRowsError` (no manifest written) when no input gives a single row.
     """
     out_dir = Path(out_dir)
-    jobs = plan_jobs(inputs, valid_inputs, out_dir, valid_split)
+    jobs = plan_jobs(inputs, valid_inputs, out_dir, valid_split, options)
     tok = load_tokenizer_dir(tokenizer_dir)
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
@@ -535,6 +548,11 @@ def _summary(manifest: Manifest, valid: Manifest | None, seconds: float) -> str:
             f"{s['invalid_utf8_lines']:>5} {s['empty_documents']:>6} {s['split_paragraphs']:>5} "
             f"{s['dropped_tail_tokens']:>6} {v_docs.get(lang, 0):>6} {v_rows.get(lang, 0):>6}"
         )
+    for lang in manifest.languages:
+        bad = bad_records(manifest.stats[lang])
+        if bad:
+            counts = " ".join(f"{k}={n}" for k, n in bad.items())
+            lines.append(f"bad records skipped: {lang}: {counts}")
     rows = sum(s.rows for s in manifest.shards)
     lines.append(
         f"{len(manifest.shards)} shards, {rows} rows x {manifest.seq_len} in {manifest.root} | "
@@ -574,6 +592,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--input", nargs="+", required=True, help="files, directories or globs")
+    add_read_arguments(ap)
     ap.add_argument("--tokenizer", required=True, help="directory with spm.model (or a .model)")
     ap.add_argument(
         "--out",
@@ -661,6 +680,7 @@ def main(argv: list[str] | None = None) -> int:
             valid_split=valid_split,
             valid_inputs=args.valid_input,
             comm=comm,
+            options=read_options(args),
         )
         if manifest is not None:
             valid_dir = manifest.root / VALID_DIR

@@ -1,0 +1,423 @@
+"""Record formats beside CC100 text: Parquet, JSON Lines and saved Hugging Face datasets.
+
+One record is one document; newlines inside its text separate paragraphs, as CC100's lines
+do, and the text then goes through exactly the CC100 reader's repairs (`corpus.
+pieces_from_lines`), so the same documents give the same pieces, and the same shards,
+whatever the format.
+
+Inputs and how the format is found (`--input-format auto`, the default):
+- ``{lang}.txt[.xz|.gz]``: CC100 text (data_pipeline/corpus.py).
+- ``{lang}.parquet``, or a directory ``{lang}/`` of ``*.parquet`` files: Parquet, read by
+  row groups (`pyarrow.parquet`), only the text and language columns.
+- ``{lang}.jsonl[.gz|.zst|.xz]``, or a directory ``{lang}/`` of them: JSON Lines, one JSON
+  object per line, read line by line through the decompressor (zstd: `zstandard`).
+  A directory is one input ``{lang}/`` when its name is a language code and none of its
+  files is named by one (``part-0.parquet``); else its files are the inputs (``en.parquet``).
+- a directory with ``state.json`` and ``dataset_info.json``: a `datasets` dataset saved with
+  ``save_to_disk``, whose Arrow stream files (``state.json``'s ``_data_files``) are read batch
+  by batch; the language is the directory's name.
+`--input-format parquet|jsonl|arrow|text` names the format instead of the suffix (the language
+is then the file name up to its first dot). A directory's files are read in name order.
+
+Fields: the text is the `text_field` (default ``text``); the language is the input's name.
+When a record has a language field (the first of `lang_fields` present, default ``lang`` then
+``language``; null counts as absent), its value is checked against that name: one input holds
+one language, as a CC100 file does. Bad records are skipped and counted per input and reason
+(`ReadStats`): a line that is not a JSON object (`not_json`), no text or a null one
+(`missing_text`), a text that is not a string (`non_string_text`), a language value that is
+not a language code (`unknown_language`) or another language than the input's
+(`other_language`); invalid UTF-8 is replaced and counted (`invalid_utf8_lines`) and an empty
+text is an empty document (`empty_documents`), as in CC100 text. A file that is not the format
+its name says raises `CorpusError` naming the file.
+
+Memory: one Parquet row group batch, one Arrow record batch or one JSON line at a time, never
+a whole file. Inputs are local files (s3:// inputs are not read yet).
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import lzma
+import os
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zstandard
+
+from data_pipeline import corpus
+from data_pipeline.corpus import (
+    DEFAULT_MAX_PARAGRAPH_CHARS,
+    DEFAULT_PIECE_CHARS,
+    CorpusError,
+    DocumentPiece,
+    InputFile,
+    ReadStats,
+    language_key,
+    normalize_language,
+    pieces_from_lines,
+    record_lines,
+    unique_languages,
+)
+
+FORMATS = ("auto", "text", "parquet", "jsonl", "arrow")
+BAD_RECORD_REASONS = {  # ReadStats field -> what it counts
+    "not_json": "lines that are not a JSON object",
+    "missing_text": "records without the text field (or null)",
+    "non_string_text": "records whose text is not a string",
+    "unknown_language": "records whose language value is not a language code",
+    "other_language": "records of another language than the input's",
+}
+_JSONL_SUFFIXES = {".jsonl": "plain", ".jsonl.gz": "gz", ".jsonl.zst": "zst", ".jsonl.xz": "xz"}
+_PARQUET_SUFFIX = ".parquet"
+_BATCH_ROWS = 1024  # records per Parquet batch
+_SNIFF_LINES = 1000  # a file whose first lines are mostly not JSON is not JSON Lines
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How inputs are read: the format (or auto from the path) and the record fields."""
+
+    input_format: str = "auto"
+    text_field: str = "text"
+    lang_fields: tuple[str, ...] = ("lang", "language")
+
+    def check(self) -> None:
+        if self.input_format not in FORMATS:
+            raise ValueError(f"--input-format must be one of {', '.join(FORMATS)}")
+
+
+@dataclass(frozen=True)
+class RecordInput(InputFile):
+    """A record-format input of one language: a file, or the files of a directory."""
+
+    files: tuple[Path, ...] = ()
+    format: str = "jsonl"  # "parquet" | "jsonl" | "arrow"
+    text_field: str = "text"
+    lang_fields: tuple[str, ...] = ("lang", "language")
+
+    @property
+    def size(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+    def stamp(self) -> list:
+        fields = [self.format, self.text_field, list(self.lang_fields)]
+        stats = [(f, f.stat()) for f in self.files]
+        return [self.path.name, *fields, [[f.name, s.st_size, s.st_mtime_ns] for f, s in stats]]
+
+
+# ---- finding inputs -----------------------------------------------------------------------
+
+
+def _jsonl_compression(name: str) -> str | None:
+    for suffix, compression in _JSONL_SUFFIXES.items():
+        if name.endswith(suffix):
+            return compression
+    return None
+
+
+def _record_format(name: str) -> str | None:
+    if name.endswith(_PARQUET_SUFFIX):
+        return "parquet"
+    return "jsonl" if _jsonl_compression(name) else None
+
+
+def _is_saved_dataset(d: Path) -> bool:
+    return (d / "state.json").is_file() and (d / "dataset_info.json").is_file()
+
+
+def _record_files(d: Path, fmt: str) -> list[Path]:
+    """A language directory's files of format `fmt` ("auto": parquet or jsonl, not both)."""
+    files = sorted(c for c in d.iterdir() if c.is_file() and not c.name.startswith("."))
+    if fmt != "auto":
+        return files
+    return [f for f in files if _record_format(f.name)]
+
+
+def _is_source_dir(d: Path, fmt: str) -> bool:
+    """A directory that is one input (a saved dataset, or {lang}/ of record files)."""
+    if fmt == "text":
+        return False
+    if _is_saved_dataset(d):
+        return True
+    if normalize_language(d.name) is None:
+        return False
+    files = _record_files(d, fmt)  # part files (part-0.parquet), not one per language
+    return bool(files) and not any(normalize_language(f.name.split(".")[0]) for f in files)
+
+
+def _expand(spec: str, fmt: str) -> list[Path]:
+    p = Path(spec)
+    if p.is_dir():
+        if _is_source_dir(p, fmt):
+            return [p]
+        children = sorted(c for c in p.iterdir() if not c.name.startswith("."))
+        found = [c for c in children if c.is_file() or _is_source_dir(c, fmt)]
+        if not found:
+            raise CorpusError(f"{spec}: directory has no input files")
+        return found
+    if p.is_file():
+        return [p]
+    matched = sorted(
+        Path(m) for m in glob.glob(spec) if Path(m).is_file() or _is_source_dir(Path(m), fmt)
+    )
+    if not matched:
+        raise CorpusError(f"{spec}: no such file, directory or matching glob")
+    return matched
+
+
+def _language(path: Path, stem: str) -> str:
+    lang = normalize_language(stem)
+    if lang is None:
+        raise CorpusError(
+            f"{path}: {stem!r} is not a language code: expected {corpus.LANGUAGE_CODE_HELP}; "
+            "name the file {lang}.parquet / {lang}.jsonl[.gz|.zst|.xz], or the directory "
+            "holding its files {lang}/"
+        )
+    return lang
+
+
+def _saved_dataset_files(d: Path) -> tuple[Path, ...]:
+    try:
+        state = json.loads((d / "state.json").read_text())
+        names = [entry["filename"] for entry in state["_data_files"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorpusError(
+            f"{d}: not a saved datasets directory (state.json has no _data_files list: {e})"
+        ) from e
+    files = tuple(d / name for name in names)
+    for f in files:
+        if not f.is_file():
+            raise CorpusError(f"{d}: {f.name} is listed in state.json but missing")
+    return files
+
+
+def classify(path: Path, options: ReadOptions) -> InputFile:
+    """The input at `path` (a file or a source directory), its format and language."""
+    fmt = options.input_format
+    fields = dict(text_field=options.text_field, lang_fields=options.lang_fields)
+    if path.is_dir():
+        if fmt in ("auto", "arrow") and _is_saved_dataset(path):
+            files, fmt = _saved_dataset_files(path), "arrow"
+        else:
+            files = tuple(_record_files(path, fmt))
+            kinds = {_record_format(f.name) or fmt for f in files}
+            if len(kinds) != 1:
+                raise CorpusError(f"{path}: holds both Parquet and JSON Lines files: pick one")
+            fmt = kinds.pop()
+        lang = _language(path, path.name)
+        return RecordInput(path, lang, "plain", files=files, format=fmt, **fields)
+    name = path.name
+    if fmt == "auto":
+        fmt = _record_format(name) or "text"
+    if fmt == "text":
+        return corpus.parse_input_name(path)
+    if fmt == "arrow":
+        raise CorpusError(f"{path}: a saved dataset is a directory (state.json, *.arrow)")
+    if options.input_format == "auto":
+        stem = name[: -len(_PARQUET_SUFFIX)] if fmt == "parquet" else name[: name.index(".jsonl")]
+    else:
+        stem = name.split(".")[0]
+    compression = (_jsonl_compression(name) or "plain") if fmt == "jsonl" else "plain"
+    lang = _language(path, stem)
+    return RecordInput(path, lang, compression, files=(path,), format=fmt, **fields)
+
+
+def discover_inputs(
+    specs: Iterable[str | os.PathLike], options: ReadOptions | None = None
+) -> list[InputFile]:
+    """`corpus.discover_inputs` for every format: files, directories and globs, each input
+    one language; every error (no match, unknown suffix, bad language, a language twice,
+    nothing at all) before any work starts."""
+    options = options or ReadOptions()
+    options.check()
+    paths = [p for spec in specs for p in _expand(str(spec), options.input_format)]
+    if not paths:
+        raise CorpusError("no input files given (empty input set)")
+    return unique_languages([classify(p, options) for p in paths])
+
+
+# ---- reading records ----------------------------------------------------------------------
+
+
+def _checked(text, lang, inp: RecordInput, stats: ReadStats) -> str | None:
+    """The record's text if it is good, else None with the reason counted."""
+    if text is None:
+        stats.missing_text += 1
+        return None
+    if not isinstance(text, str):
+        stats.non_string_text += 1
+        return None
+    if lang is not None:
+        code = normalize_language(lang) if isinstance(lang, str) else None
+        if code is None:
+            stats.unknown_language += 1
+            return None
+        if language_key(code) != language_key(inp.language):
+            stats.other_language += 1
+            return None
+    return text
+
+
+def _open_jsonl(path: Path, compression: str):
+    if compression == "zst":
+        fh = open(path, "rb")  # noqa: SIM115 (closed with the reader: closefd)
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            fh, read_across_frames=True, closefd=True
+        )
+        return io.BufferedReader(reader, 1 << 16)
+    if compression == "gz":
+        return gzip.open(path, "rb")
+    if compression == "xz":
+        return lzma.open(path, "rb")
+    return open(path, "rb")
+
+
+def _sniff(path: Path, lines: int, not_json: int) -> None:
+    """Most of a file's first lines are not JSON objects: it is not JSON Lines."""
+    if not_json > lines // 2:
+        raise CorpusError(
+            f"{path}: not JSON Lines ({not_json} of the first {lines} lines are not a JSON object)"
+        )
+
+
+def _jsonl_texts(inp: RecordInput, path: Path, stats: ReadStats) -> Iterator[str]:
+    lang_fields = inp.lang_fields
+    number = not_json = 0
+    with _open_jsonl(path, inp.compression) as f:
+        for number, raw in enumerate(f, 1):
+            if number == _SNIFF_LINES + 1:
+                _sniff(path, _SNIFF_LINES, not_json)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                line = raw.decode("utf-8", errors="replace")
+                stats.invalid_utf8_lines += 1
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not isinstance(record, dict):
+                stats.not_json += 1
+                not_json += number <= _SNIFF_LINES
+                continue
+            lang = next((record[k] for k in lang_fields if record.get(k) is not None), None)
+            text = _checked(record.get(inp.text_field), lang, inp, stats)
+            if text is not None:
+                yield text
+    if number <= _SNIFF_LINES:
+        _sniff(path, number, not_json)
+
+
+def _columns(schema: pa.Schema, path: Path, inp: RecordInput) -> tuple[str, str | None]:
+    """The text column and the language column (None: the input's name says)."""
+    if inp.text_field not in schema.names:
+        raise CorpusError(
+            f"{path}: no column {inp.text_field!r} (columns: {', '.join(schema.names)}); "
+            "name the text column with --text-field"
+        )
+    return inp.text_field, next((k for k in inp.lang_fields if k in schema.names), None)
+
+
+def _batch_texts(batches, lang: str | None, inp: RecordInput, stats) -> Iterator[str]:
+    for batch in batches:
+        texts = batch.column(inp.text_field).to_pylist()
+        langs = batch.column(lang).to_pylist() if lang else [None] * len(texts)
+        for text, code in zip(texts, langs, strict=True):
+            text = _checked(text, code, inp, stats)
+            if text is not None:
+                yield text
+
+
+def _parquet_texts(inp: RecordInput, path: Path, stats: ReadStats) -> Iterator[str]:
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise CorpusError(f"{path}: not a Parquet file ({e})") from e
+    text, lang = _columns(pf.schema_arrow, path, inp)
+    with pf:
+        batches = pf.iter_batches(batch_size=_BATCH_ROWS, columns=[text] + ([lang] if lang else []))
+        yield from _batch_texts(batches, lang, inp, stats)
+
+
+def _arrow_texts(inp: RecordInput, path: Path, stats: ReadStats) -> Iterator[str]:
+    try:
+        reader = pa.ipc.open_stream(pa.memory_map(str(path)))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise CorpusError(f"{path}: not an Arrow stream file of a saved dataset ({e})") from e
+    with reader:
+        _, lang = _columns(reader.schema, path, inp)
+        yield from _batch_texts(reader, lang, inp, stats)
+
+
+_READERS = {"jsonl": _jsonl_texts, "parquet": _parquet_texts, "arrow": _arrow_texts}
+
+
+def _record_stream(inp: RecordInput, stats: ReadStats, max_chars: int):
+    for path in inp.files:
+        try:
+            for text in _READERS[inp.format](inp, path, stats):
+                yield from record_lines(text, max_chars)
+        except (EOFError, lzma.LZMAError, zlib.error, gzip.BadGzipFile, OSError) as e:
+            raise CorpusError(f"{path}: truncated or corrupt {inp.compression} input: {e}") from e
+        except zstandard.ZstdError as e:
+            raise CorpusError(f"{path}: corrupt zst input: {e}") from e
+        except pa.ArrowException as e:
+            raise CorpusError(f"{path}: unreadable {inp.format} input: {e}") from e
+
+
+def read_document_pieces(
+    inp: InputFile,
+    stats: ReadStats,
+    max_paragraph_chars: int = DEFAULT_MAX_PARAGRAPH_CHARS,
+    piece_chars: int = DEFAULT_PIECE_CHARS,
+) -> Iterator[DocumentPiece]:
+    """`corpus.read_document_pieces` for every format: the same pieces for the same
+    documents, bad records counted in stats."""
+    if not isinstance(inp, RecordInput):
+        yield from corpus.read_document_pieces(inp, stats, max_paragraph_chars, piece_chars)
+        return
+    lines = _record_stream(inp, stats, max_paragraph_chars)
+    yield from pieces_from_lines(inp, lines, stats, max_paragraph_chars, piece_chars, records=True)
+
+
+def bad_records(stats: dict) -> dict[str, int]:
+    """The nonzero bad-record counts of one language's statistics, by reason."""
+    return {k: stats[k] for k in BAD_RECORD_REASONS if stats.get(k)}
+
+
+def add_read_arguments(ap) -> None:
+    """--input-format, --text-field, --lang-field (build_shards and train_tokenizer)."""
+    ap.add_argument(
+        "--input-format",
+        choices=FORMATS,
+        default="auto",
+        help="auto (default): from each path ({lang}.txt[.xz|.gz] CC100 text, "
+        "{lang}.parquet, {lang}.jsonl[.gz|.zst|.xz], a directory {lang}/ of Parquet or JSON "
+        "Lines files, a saved datasets directory); else every input is this format",
+    )
+    ap.add_argument(
+        "--text-field",
+        default="text",
+        help="record field (Parquet/Arrow column, JSON key) holding the document (default text)",
+    )
+    ap.add_argument(
+        "--lang-field",
+        nargs="+",
+        default=["lang", "language"],
+        metavar="FIELD",
+        help="record fields checked, first present, against the input's language (its name); "
+        "a record of another or no valid language is skipped and counted (default lang language)",
+    )
+
+
+def read_options(args) -> ReadOptions:
+    return ReadOptions(args.input_format, args.text_field, tuple(args.lang_field))
