@@ -66,6 +66,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from data_pipeline import formats
 from data_pipeline.corpus import (
     DEFAULT_MAX_PARAGRAPH_CHARS,
     DEFAULT_PIECE_CHARS,
@@ -73,14 +74,7 @@ from data_pipeline.corpus import (
     InputFile,
     ReadStats,
 )
-from data_pipeline.formats import (
-    ReadOptions,
-    add_read_arguments,
-    bad_records,
-    discover_inputs,
-    read_document_pieces,
-    read_options,
-)
+from data_pipeline.formats import ReadOptions, discover_inputs, read_document_pieces
 from data_pipeline.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -548,11 +542,7 @@ def _summary(manifest: Manifest, valid: Manifest | None, seconds: float) -> str:
             f"{s['invalid_utf8_lines']:>5} {s['empty_documents']:>6} {s['split_paragraphs']:>5} "
             f"{s['dropped_tail_tokens']:>6} {v_docs.get(lang, 0):>6} {v_rows.get(lang, 0):>6}"
         )
-    for lang in manifest.languages:
-        bad = bad_records(manifest.stats[lang])
-        if bad:
-            counts = " ".join(f"{k}={n}" for k, n in bad.items())
-            lines.append(f"bad records skipped: {lang}: {counts}")
+    lines += formats.bad_record_lines(manifest.stats)
     rows = sum(s.rows for s in manifest.shards)
     lines.append(
         f"{len(manifest.shards)} shards, {rows} rows x {manifest.seq_len} in {manifest.root} | "
@@ -592,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--input", nargs="+", required=True, help="files, directories or globs")
-    add_read_arguments(ap)
+    formats.add_read_arguments(ap)
     ap.add_argument("--tokenizer", required=True, help="directory with spm.model (or a .model)")
     ap.add_argument(
         "--out",
@@ -680,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
             valid_split=valid_split,
             valid_inputs=args.valid_input,
             comm=comm,
-            options=read_options(args),
+            options=formats.read_options(args),
         )
         if manifest is not None:
             valid_dir = manifest.root / VALID_DIR

@@ -28,7 +28,8 @@ one language, as a CC100 file does. Bad records are skipped and counted per inpu
 not a language code (`unknown_language`) or another language than the input's
 (`other_language`); invalid UTF-8 is replaced and counted (`invalid_utf8_lines`) and an empty
 text is an empty document (`empty_documents`), as in CC100 text. A file that is not the format
-its name says raises `CorpusError` naming the file.
+its name says, or a Parquet/Arrow input without the text column or whose text column is not
+strings, raises `CorpusError` naming the file.
 
 Memory: one Parquet row group batch, one Arrow record batch or one JSON line at a time, never
 a whole file. Inputs are local files (s3:// inputs are not read yet).
@@ -324,6 +325,10 @@ def _columns(schema: pa.Schema, path: Path, inp: RecordInput) -> tuple[str, str 
             f"{path}: no column {inp.text_field!r} (columns: {', '.join(schema.names)}); "
             "name the text column with --text-field"
         )
+    kind = schema.field(inp.text_field).type
+    value = kind.value_type if pa.types.is_dictionary(kind) else kind
+    if not (pa.types.is_string(value) or pa.types.is_large_string(value)):
+        raise CorpusError(f"{path}: column {inp.text_field!r} is {kind}, not a string column")
     return inp.text_field, next((k for k in inp.lang_fields if k in schema.names), None)
 
 
@@ -389,9 +394,14 @@ def read_document_pieces(
     yield from pieces_from_lines(inp, lines, stats, max_paragraph_chars, piece_chars, records=True)
 
 
-def bad_records(stats: dict) -> dict[str, int]:
-    """The nonzero bad-record counts of one language's statistics, by reason."""
-    return {k: stats[k] for k in BAD_RECORD_REASONS if stats.get(k)}
+def bad_record_lines(stats: dict[str, dict]) -> list[str]:
+    """Build-summary lines: per language (manifest statistics) its nonzero bad-record counts."""
+    lines = []
+    for lang in sorted(stats):
+        bad = [f"{k}={stats[lang][k]}" for k in BAD_RECORD_REASONS if stats[lang].get(k)]
+        if bad:
+            lines.append(f"bad records skipped: {lang}: {' '.join(bad)}")
+    return lines
 
 
 def add_read_arguments(ap) -> None:

@@ -6,6 +6,7 @@ reason; files that are not their format named in the error."""
 import gzip
 import json
 import lzma
+import subprocess
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,7 +19,7 @@ from data_pipeline.corpus import CorpusError, ReadStats
 from data_pipeline.formats import ReadOptions, discover_inputs, read_document_pieces
 from data_pipeline.manifest import VALID_DIR
 from data_pipeline.train_tokenizer import train_tokenizer
-from tests.conftest import SAMPLE_CORPUS, SHARDS_SEQ_LEN
+from tests.conftest import PYTHON, REPO_ROOT, SAMPLE_CORPUS, SHARDS_SEQ_LEN, run_env
 
 LANGS = tuple(sorted(p.name.split(".")[0] for p in SAMPLE_CORPUS.glob("*.txt.xz")))
 
@@ -175,6 +176,54 @@ def test_tokenizer_trains_from_any_format(tmp_path, small_corpus_dir):
     assert m["inputs"]["id"]["file"] == "id.parquet"
 
 
+def _mixed_inputs(src: Path, out: Path) -> list[Path]:
+    """Every sample language, in turn Parquet, .jsonl.zst, a saved dataset and CC100 text."""
+    kinds = ["parquet", "jsonl.zst", "arrow", "text"]
+    inputs = []
+    for i, lang in enumerate(LANGS):
+        kind = kinds[i % len(kinds)]
+        if kind == "text":
+            inputs.append(src / f"{lang}.txt")
+        else:
+            d = convert(src, out / lang, kind, langs=[lang])
+            inputs.append(next(d.iterdir()))
+    return inputs
+
+
+@pytest.mark.slow
+def test_mpirun_np2_on_mixed_formats_is_byte_identical(
+    tmp_path, small_corpus_dir, tokenizer_dir, shards_dir
+):
+    inputs = _mixed_inputs(small_corpus_dir, tmp_path / "in")
+    env = run_env() | {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    mpirun = Path(PYTHON).parent / "mpirun"
+    out = tmp_path / "mpi"
+    proc = subprocess.run(
+        [str(mpirun), "-np", "2", "--oversubscribe", PYTHON, "-m", "data_pipeline.build_shards",
+         "--input", *map(str, inputs), "--tokenizer", str(tokenizer_dir), "--out", str(out),
+         "--seq-len", str(SHARDS_SEQ_LEN), "--shard-rows", "128"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 1 encoding" in proc.stderr
+    assert_same_build(out, shards_dir)
+
+
+def test_a_record_input_resumes_and_rebuilds_when_changed(
+    tmp_path, small_corpus_dir, tokenizer_dir, capsys
+):
+    d = convert(small_corpus_dir, tmp_path / "in", "parquet-dir", langs=["eo"])
+    args = ["--input", str(d / "eo"), "--tokenizer", str(tokenizer_dir), "--seq-len", "128"]
+    args += ["--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    assert main(args) == 0
+    assert "eo: resumed from an earlier run" in capsys.readouterr().err
+    records = [{"text": "one more document", "lang": "eo"}]
+    write_parquet(d / "eo" / "part-2.parquet", records)  # a new part file: not the same input
+    assert main(args) == 0
+    assert "resumed" not in capsys.readouterr().err
+
+
 # ---- bad records and wrong formats --------------------------------------------------------
 
 
@@ -245,6 +294,9 @@ def test_parquet_without_the_text_column_is_an_error(tmp_path):
         _read(tmp_path / "en.parquet")
     docs, _ = _read(tmp_path / "en.parquet", ReadOptions(text_field="content"))
     assert docs == [["a"]]
+    pq.write_table(pa.table({"text": pa.array([b"a"], pa.binary())}), tmp_path / "en.parquet")
+    with pytest.raises(CorpusError, match=r"en\.parquet: column 'text' is binary, not a string"):
+        _read(tmp_path / "en.parquet")
 
 
 @pytest.mark.parametrize(
