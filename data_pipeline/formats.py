@@ -7,29 +7,36 @@ whatever the format.
 
 Inputs and how the format is found (`--input-format auto`, the default):
 - ``{lang}.txt[.xz|.gz]``: CC100 text (data_pipeline/corpus.py).
-- ``{lang}.parquet``, or a directory ``{lang}/`` of ``*.parquet`` files: Parquet, read by
-  row groups (`pyarrow.parquet`), only the text and language columns.
-- ``{lang}.jsonl[.gz|.zst|.xz]``, or a directory ``{lang}/`` of them: JSON Lines, one JSON
-  object per line, read line by line through the decompressor (zstd: `zstandard`).
-  A directory is one input ``{lang}/`` when its name is a language code and none of its
-  files is named by one (``part-0.parquet``); else its files are the inputs (``en.parquet``).
+- ``*.parquet``, or a directory of them: Parquet, read by row groups (`pyarrow.parquet`), only
+  the text and language columns.
+- ``*.jsonl[.gz|.zst|.xz]``, or a directory of them: JSON Lines, one JSON object per line,
+  read line by line through the decompressor (zstd: `zstandard`, any number of frames).
 - a directory with ``state.json`` and ``dataset_info.json``: a `datasets` dataset saved with
   ``save_to_disk``, whose Arrow stream files (``state.json``'s ``_data_files``) are read batch
-  by batch; the language is the directory's name.
-`--input-format parquet|jsonl|arrow|text` names the format instead of the suffix (the language
-is then the file name up to its first dot). A directory's files are read in name order.
+  by batch.
+A directory is one input when none of its record files is named by a language
+(``part-0.parquet``); else its files are the inputs (``en.parquet``, ``fr.jsonl.zst``).
+`--input-format parquet|jsonl|arrow|text` names the format instead of the suffix (a file's
+name is then read up to its first dot). A directory's files are read in name order.
 
-Fields: the text is the `text_field` (default ``text``); the language is the input's name.
-When a record has a language field (the first of `lang_fields` present, default ``lang`` then
-``language``; null counts as absent), its value is checked against that name: one input holds
-one language, as a CC100 file does. Bad records are skipped and counted per input and reason
-(`ReadStats`): a line that is not a JSON object (`not_json`), no text or a null one
-(`missing_text`), a text that is not a string (`non_string_text`), a language value that is
-not a language code (`unknown_language`) or another language than the input's
-(`other_language`); invalid UTF-8 is replaced and counted (`invalid_utf8_lines`) and an empty
-text is an empty document (`empty_documents`), as in CC100 text. A file that is not the format
-its name says, or a Parquet/Arrow input without the text column or whose text column is not
-strings, raises `CorpusError` naming the file.
+Language: the input's name when it is a language code (``en.parquet``, ``fr.jsonl.zst``,
+``de/``, a saved dataset ``pt/``); a record's language field (the first of `lang_fields`
+present, default ``lang`` then ``language``; null counts as absent) must then agree with it.
+An input whose name is no language code (``train/``, ``part-0.parquet``) is routed by that
+field instead (`route`): its languages are found by reading the field once (the column of a
+Parquet or Arrow file, every line of a JSON Lines one), and each becomes an input of its own
+that reads the whole input and keeps its records, so it builds what that language's own file
+would (a file of K languages is read K + 1 times, the first pass by every MPI rank).
+
+Fields: the text is the `text_field` (default ``text``). Bad records are skipped and counted
+per input and reason (`ReadStats`; a routed input's records of no language, and its lines that
+are not JSON, are counted by its first language): a line that is not a JSON object
+(`not_json`), no text or a null one (`missing_text`), a text that is not a string
+(`non_string_text`), a language value that is not a language code (`unknown_language`) or
+another language than the input's name (`other_language`); invalid UTF-8 is replaced and
+counted (`invalid_utf8_lines`) and an empty text is an empty document (`empty_documents`), as
+in CC100 text. A file that is not the format its name says, or a Parquet/Arrow input without
+the text column or whose text column is not strings, raises `CorpusError` naming the file.
 
 Memory: one Parquet row group batch, one Arrow record batch or one JSON line at a time, never
 a whole file. Inputs are local files (s3:// inputs are not read yet).
@@ -37,6 +44,8 @@ a whole file. Inputs are local files (s3:// inputs are not read yet).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import glob
 import gzip
 import io
@@ -76,6 +85,7 @@ BAD_RECORD_REASONS = {  # ReadStats field -> what it counts
     "other_language": "records of another language than the input's",
 }
 _JSONL_SUFFIXES = {".jsonl": "plain", ".jsonl.gz": "gz", ".jsonl.zst": "zst", ".jsonl.xz": "xz"}
+_COMPRESSED = {".gz": "gz", ".zst": "zst", ".xz": "xz"}
 _PARQUET_SUFFIX = ".parquet"
 _BATCH_ROWS = 1024  # records per Parquet batch
 _SNIFF_LINES = 1000  # a file whose first lines are mostly not JSON is not JSON Lines
@@ -102,13 +112,17 @@ class RecordInput(InputFile):
     format: str = "jsonl"  # "parquet" | "jsonl" | "arrow"
     text_field: str = "text"
     lang_fields: tuple[str, ...] = ("lang", "language")
+    # a multi-language input (its name is no language code): this language's records only
+    routed: bool = False
+    counts_shared: bool = True  # counts the records of no language (the first language only)
+    share: float = 1.0  # of the input's records: its `size` is this share of the bytes
 
     @property
     def size(self) -> int:
-        return sum(f.stat().st_size for f in self.files)
+        return round(self.share * sum(f.stat().st_size for f in self.files))
 
     def stamp(self) -> list:
-        fields = [self.format, self.text_field, list(self.lang_fields)]
+        fields = [self.format, self.text_field, list(self.lang_fields), self.routed, self.language]
         stats = [(f, f.stat()) for f in self.files]
         return [self.path.name, *fields, [[f.name, s.st_size, s.st_mtime_ns] for f, s in stats]]
 
@@ -121,6 +135,11 @@ def _jsonl_compression(name: str) -> str | None:
         if name.endswith(suffix):
             return compression
     return None
+
+
+def _compression(path: Path) -> str:
+    """A file's compression, from its suffix (a directory's files each have their own)."""
+    return next((c for suffix, c in _COMPRESSED.items() if path.name.endswith(suffix)), "plain")
 
 
 def _record_format(name: str) -> str | None:
@@ -147,16 +166,19 @@ def _is_source_dir(d: Path, fmt: str) -> bool:
         return False
     if _is_saved_dataset(d):
         return True
-    if normalize_language(d.name) is None:
-        return False
-    files = _record_files(d, fmt)  # part files (part-0.parquet), not one per language
+    return normalize_language(d.name) is not None and _is_parts_dir(d, fmt)
+
+
+def _is_parts_dir(d: Path, fmt: str) -> bool:
+    """Record files none of which is named by a language (part-0.parquet): one input."""
+    files = _record_files(d, fmt)
     return bool(files) and not any(normalize_language(f.name.split(".")[0]) for f in files)
 
 
 def _expand(spec: str, fmt: str) -> list[Path]:
     p = Path(spec)
     if p.is_dir():
-        if _is_source_dir(p, fmt):
+        if _is_source_dir(p, fmt) or (fmt != "text" and _is_parts_dir(p, fmt)):
             return [p]
         children = sorted(c for c in p.iterdir() if not c.name.startswith("."))
         found = [c for c in children if c.is_file() or _is_source_dir(c, fmt)]
@@ -171,17 +193,6 @@ def _expand(spec: str, fmt: str) -> list[Path]:
     if not matched:
         raise CorpusError(f"{spec}: no such file, directory or matching glob")
     return matched
-
-
-def _language(path: Path, stem: str) -> str:
-    lang = normalize_language(stem)
-    if lang is None:
-        raise CorpusError(
-            f"{path}: {stem!r} is not a language code: expected {corpus.LANGUAGE_CODE_HELP}; "
-            "name the file {lang}.parquet / {lang}.jsonl[.gz|.zst|.xz], or the directory "
-            "holding its files {lang}/"
-        )
-    return lang
 
 
 def _saved_dataset_files(d: Path) -> tuple[Path, ...]:
@@ -212,7 +223,7 @@ def classify(path: Path, options: ReadOptions) -> InputFile:
             if len(kinds) != 1:
                 raise CorpusError(f"{path}: holds both Parquet and JSON Lines files: pick one")
             fmt = kinds.pop()
-        lang = _language(path, path.name)
+        lang = normalize_language(path.name) or ""  # "": routed by field
         return RecordInput(path, lang, "plain", files=files, format=fmt, **fields)
     name = path.name
     if fmt == "auto":
@@ -225,8 +236,8 @@ def classify(path: Path, options: ReadOptions) -> InputFile:
         stem = name[: -len(_PARQUET_SUFFIX)] if fmt == "parquet" else name[: name.index(".jsonl")]
     else:
         stem = name.split(".")[0]
-    compression = (_jsonl_compression(name) or "plain") if fmt == "jsonl" else "plain"
-    lang = _language(path, stem)
+    compression = _compression(path) if fmt == "jsonl" else "plain"
+    lang = normalize_language(stem) or ""
     return RecordInput(path, lang, compression, files=(path,), format=fmt, **fields)
 
 
@@ -241,14 +252,99 @@ def discover_inputs(
     paths = [p for spec in specs for p in _expand(str(spec), options.input_format)]
     if not paths:
         raise CorpusError("no input files given (empty input set)")
-    return unique_languages([classify(p, options) for p in paths])
+    found = [classify(p, options) for p in paths]
+    return unique_languages([one for inp in found for one in route(inp)])
+
+
+# ---- multi-language inputs: one input per value of the language field --------------------
+
+
+def _jsonl_languages(inp: RecordInput, path: Path) -> Iterator:
+    with _open_jsonl(path, _compression(path)) as f:
+        for raw in f:
+            try:
+                record = json.loads(raw.decode("utf-8", errors="replace"))
+            except ValueError:
+                continue  # counted when the records are read
+            if isinstance(record, dict):
+                yield next((record[k] for k in inp.lang_fields if record.get(k) is not None), None)
+
+
+def _table_languages(inp: RecordInput, path: Path) -> Iterator:
+    """The language column's values (a Parquet file reads that column only)."""
+    if inp.format == "parquet":
+        source = _parquet_file(path)
+        schema = source.schema_arrow
+    else:
+        source = _arrow_stream(path)
+        schema = source.schema
+    _, lang = _columns(schema, path, inp)
+    if lang is None:
+        raise CorpusError(
+            f"{inp.path}: the name is no language code and {path.name} has no "
+            f"{' / '.join(inp.lang_fields)} column: name the input by its language "
+            "({lang}.parquet or {lang}/), or name the column with --lang-field"
+        )
+    batches = source.iter_batches(columns=[lang]) if inp.format == "parquet" else source
+    for batch in batches:
+        yield from batch.column(lang).to_pylist()
+
+
+def route(inp: InputFile) -> list[InputFile]:
+    """An input whose name is a language code as it is; a record input whose name is none
+    (``part-0.parquet``, ``train/``): one input per language of its records' language field,
+    found by reading that field once (all of a JSON Lines file, the column of a Parquet or
+    Arrow one). Each reads the whole input and keeps its language's records; its `size` is
+    its share of the records times the input's bytes (for the alpha weights and the ranks)."""
+    if not isinstance(inp, RecordInput) or inp.language:
+        return [inp]
+    counts: dict[str, int] = {}
+    spelling: dict[str, str] = {}
+    total = 0
+    scan = _jsonl_languages if inp.format == "jsonl" else _table_languages
+    for path in inp.files:
+        with _read_errors(inp, path):
+            for value in scan(inp, path):
+                total += 1
+                code = normalize_language(value) if isinstance(value, str) else None
+                if code is not None:
+                    key = language_key(code)
+                    counts[key] = counts.get(key, 0) + 1
+                    spelling[key] = min(spelling.get(key, code), code)
+    if not counts:
+        raise CorpusError(
+            f"{inp.path}: the name is no language code and no record has a language "
+            f"({' / '.join(inp.lang_fields)}): name the input by its language "
+            "({lang}.parquet, {lang}.jsonl.zst or {lang}/)"
+        )
+    keys = sorted(counts, key=lambda k: spelling[k])
+    return [
+        dataclasses.replace(
+            inp,
+            language=spelling[k],
+            routed=True,
+            counts_shared=i == 0,
+            share=counts[k] / total,
+        )
+        for i, k in enumerate(keys)
+    ]
 
 
 # ---- reading records ----------------------------------------------------------------------
 
 
 def _checked(text, lang, inp: RecordInput, stats: ReadStats) -> str | None:
-    """The record's text if it is good, else None with the reason counted."""
+    """The record's text if it is good, else None with the reason counted. A routed input
+    skips other languages' records uncounted (theirs to count) and counts the records of no
+    language once (`counts_shared`)."""
+    if inp.routed:
+        code = normalize_language(lang) if isinstance(lang, str) else None
+        if code is not None and language_key(code) != language_key(inp.language):
+            return None
+        if code is None:
+            stats.unknown_language += inp.counts_shared
+            return None
+        lang = None  # checked
     if text is None:
         stats.missing_text += 1
         return None
@@ -291,15 +387,14 @@ def _sniff(path: Path, lines: int, not_json: int) -> None:
 def _jsonl_texts(inp: RecordInput, path: Path, stats: ReadStats) -> Iterator[str]:
     lang_fields = inp.lang_fields
     number = not_json = 0
-    with _open_jsonl(path, inp.compression) as f:
+    with _open_jsonl(path, _compression(path)) as f:
         for number, raw in enumerate(f, 1):
             if number == _SNIFF_LINES + 1:
                 _sniff(path, _SNIFF_LINES, not_json)
             try:
-                line = raw.decode("utf-8")
+                line, bad_utf8 = raw.decode("utf-8"), 0
             except UnicodeDecodeError:
-                line = raw.decode("utf-8", errors="replace")
-                stats.invalid_utf8_lines += 1
+                line, bad_utf8 = raw.decode("utf-8", errors="replace"), 1
             if not line.strip():
                 continue
             try:
@@ -307,12 +402,13 @@ def _jsonl_texts(inp: RecordInput, path: Path, stats: ReadStats) -> Iterator[str
             except ValueError:
                 record = None
             if not isinstance(record, dict):
-                stats.not_json += 1
+                stats.not_json += inp.counts_shared
                 not_json += number <= _SNIFF_LINES
                 continue
             lang = next((record[k] for k in lang_fields if record.get(k) is not None), None)
             text = _checked(record.get(inp.text_field), lang, inp, stats)
             if text is not None:
+                stats.invalid_utf8_lines += bad_utf8  # replaced in a record that is read
                 yield text
     if number <= _SNIFF_LINES:
         _sniff(path, number, not_json)
@@ -342,11 +438,22 @@ def _batch_texts(batches, lang: str | None, inp: RecordInput, stats) -> Iterator
                 yield text
 
 
-def _parquet_texts(inp: RecordInput, path: Path, stats: ReadStats) -> Iterator[str]:
+def _parquet_file(path: Path) -> pq.ParquetFile:
     try:
-        pf = pq.ParquetFile(path)
+        return pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as e:
         raise CorpusError(f"{path}: not a Parquet file ({e})") from e
+
+
+def _arrow_stream(path: Path) -> pa.ipc.RecordBatchStreamReader:
+    try:
+        return pa.ipc.open_stream(pa.memory_map(str(path)))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise CorpusError(f"{path}: not an Arrow stream file of a saved dataset ({e})") from e
+
+
+def _parquet_texts(inp: RecordInput, path: Path, stats: ReadStats) -> Iterator[str]:
+    pf = _parquet_file(path)
     text, lang = _columns(pf.schema_arrow, path, inp)
     with pf:
         batches = pf.iter_batches(batch_size=_BATCH_ROWS, columns=[text] + ([lang] if lang else []))
@@ -354,10 +461,7 @@ def _parquet_texts(inp: RecordInput, path: Path, stats: ReadStats) -> Iterator[s
 
 
 def _arrow_texts(inp: RecordInput, path: Path, stats: ReadStats) -> Iterator[str]:
-    try:
-        reader = pa.ipc.open_stream(pa.memory_map(str(path)))
-    except (pa.ArrowInvalid, OSError) as e:
-        raise CorpusError(f"{path}: not an Arrow stream file of a saved dataset ({e})") from e
+    reader = _arrow_stream(path)
     with reader:
         _, lang = _columns(reader.schema, path, inp)
         yield from _batch_texts(reader, lang, inp, stats)
@@ -366,17 +470,24 @@ def _arrow_texts(inp: RecordInput, path: Path, stats: ReadStats) -> Iterator[str
 _READERS = {"jsonl": _jsonl_texts, "parquet": _parquet_texts, "arrow": _arrow_texts}
 
 
+@contextlib.contextmanager
+def _read_errors(inp: RecordInput, path: Path):
+    """A decompressor's or pyarrow's error while reading `path`: a `CorpusError` naming it."""
+    try:
+        yield
+    except (EOFError, lzma.LZMAError, zlib.error, gzip.BadGzipFile, OSError) as e:
+        raise CorpusError(f"{path}: truncated or corrupt {_compression(path)} input: {e}") from e
+    except zstandard.ZstdError as e:
+        raise CorpusError(f"{path}: corrupt zst input: {e}") from e
+    except pa.ArrowException as e:
+        raise CorpusError(f"{path}: unreadable {inp.format} input: {e}") from e
+
+
 def _record_stream(inp: RecordInput, stats: ReadStats, max_chars: int):
     for path in inp.files:
-        try:
+        with _read_errors(inp, path):
             for text in _READERS[inp.format](inp, path, stats):
                 yield from record_lines(text, max_chars)
-        except (EOFError, lzma.LZMAError, zlib.error, gzip.BadGzipFile, OSError) as e:
-            raise CorpusError(f"{path}: truncated or corrupt {inp.compression} input: {e}") from e
-        except zstandard.ZstdError as e:
-            raise CorpusError(f"{path}: corrupt zst input: {e}") from e
-        except pa.ArrowException as e:
-            raise CorpusError(f"{path}: unreadable {inp.format} input: {e}") from e
 
 
 def read_document_pieces(

@@ -224,6 +224,52 @@ def test_a_record_input_resumes_and_rebuilds_when_changed(
     assert "resumed" not in capsys.readouterr().err
 
 
+def _interleaved(src: Path, langs) -> list[dict]:
+    """The documents of `langs`, each language's in order, interleaved round robin."""
+    docs = {lang: cc100_documents(src / f"{lang}.txt") for lang in langs}
+    out = []
+    for i in range(max(map(len, docs.values()))):
+        out += [{"text": d[i], "language": lang} for lang, d in docs.items() if i < len(d)]
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl.zst"])
+def test_a_multi_language_input_is_routed_by_its_language_field(
+    fmt, tmp_path, small_corpus_dir, tokenizer_dir, shards_dir
+):
+    """part files of three languages, interleaved, with records of no or a bad language: each
+    language builds the shards it builds from its own CC100 file; the bad ones counted once."""
+    langs = ["eo", "fr", "zh"]
+    records = _interleaved(small_corpus_dir, langs)
+    bad = [{"text": "no language", "language": None}, {"text": "bad", "language": "??"}]
+    d = tmp_path / "train"  # not a language: its records say
+    d.mkdir()
+    if fmt == "parquet":
+        write_parquet(d / "part-0.parquet", bad + records[:500])
+        write_parquet(d / "part-1.parquet", records[500:])
+    else:
+        write_jsonl(d / "part-0.jsonl.zst", bad + records[:500])
+        write_jsonl(d / "part-1.jsonl.zst", records[500:])
+    found = discover_inputs([d])
+    assert [(f.language, f.path) for f in found] == [(lang, d) for lang in langs]
+    shares = [f.size / sum(g.stat().st_size for g in f.files) for f in found]
+    assert sum(shares) == pytest.approx(1 - 2 / (len(records) + 2), abs=1e-3)
+    _build([d], tokenizer_dir, tmp_path / "out")
+    for sub in (".", VALID_DIR):
+        for lang in langs:
+            names = sorted(p.name for p in (shards_dir / sub).glob(f"{lang}-*.arrow"))
+            assert names
+            for name in names:
+                assert (tmp_path / "out" / sub / name).read_bytes() == (
+                    shards_dir / sub / name
+                ).read_bytes()
+    got = json.loads((tmp_path / "out" / "manifest.json").read_text())["languages"]
+    want = json.loads((shards_dir / "manifest.json").read_text())["languages"]
+    for lang in langs:
+        assert got[lang]["documents"] == want[lang]["documents"]
+        assert got[lang]["unknown_language"] == (2 if lang == "eo" else 0)
+
+
 # ---- bad records and wrong formats --------------------------------------------------------
 
 
@@ -324,7 +370,8 @@ def test_saved_dataset_errors_and_names(tmp_path):
     with pytest.raises(CorpusError, match=r"fr: data-00001-of-00002\.arrow is listed in state"):
         _read(d)
     write_saved_dataset(tmp_path / "train", [{"text": "a"}])
-    with pytest.raises(CorpusError, match=r"train: 'train' is not a language code"):
+    no_lang = r"train: the name is no language code and data-00000-of-00002\.arrow has no lang / "
+    with pytest.raises(CorpusError, match=no_lang + r"language column"):
         _read(tmp_path / "train")
 
 
