@@ -42,7 +42,6 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -502,7 +501,7 @@ def rtd_case(setup: Setup, impl: str, preset: str, batch: int, length: int):
     torch.manual_seed(0)
     with torch.device(setup.device):
         if impl == "hf":
-            model = DeviceHFStep(cfg, special)
+            model = HFReferenceRTD(cfg, special)
         else:
             model = RTDModel(cfg, special, mask_prob=MASK_PROB, rtd_weight=RTD_WEIGHT)
     model = model.to(dtype).train()
@@ -522,28 +521,6 @@ def rtd_case(setup: Setup, impl: str, preset: str, batch: int, length: int):
     warmup, iters = (1, 1) if setup.quick else (2, 5)
     seconds, peak = timed(step, setup.device, warmup, iters)
     return seconds, peak, losses[-1]
-
-
-class DeviceHFStep(HFReferenceRTD):
-    """benchmarks/rtd_step.py's HF-built step, with the random draws on the batch's device."""
-
-    def forward(self, ids, mask, g):
-        candidates = mask.bool() & ~self.banned[ids]
-        masked = candidates & (torch.rand(ids.shape, generator=g, device=ids.device) < MASK_PROB)
-        labels = ids.masked_fill(~masked, -100)
-        out = self.generator(ids.masked_fill(masked, self.special.mask_id), mask, labels=labels)
-        with torch.no_grad():
-            logits = out.logits[masked].float().masked_fill(self.banned, float("-inf"))
-            samples = torch.multinomial(logits.softmax(-1), 1, generator=g).squeeze(-1)
-        disc_ids = ids.masked_scatter(masked, samples)
-        e_g = self.generator.deberta.embeddings.word_embeddings(disc_ids).detach()
-        embeds = e_g + self.discriminator.embeddings.word_embeddings(disc_ids)
-        h = self.discriminator(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        keep = mask.bool()
-        rtd = F.binary_cross_entropy_with_logits(
-            self.rtd_head(h)[keep].float(), (disc_ids != ids)[keep].float()
-        )
-        return out.loss + RTD_WEIGHT * rtd
 
 
 def part_rtd_step(setup: Setup) -> tuple[list[str], bool]:

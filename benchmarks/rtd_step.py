@@ -76,7 +76,7 @@ class HFReferenceRTD(nn.Module):
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         candidates = mask.bool() & ~self.banned[ids]
-        masked = candidates & (torch.rand(ids.shape, generator=g) < MASK_PROB)
+        masked = candidates & (torch.rand(ids.shape, generator=g, device=ids.device) < MASK_PROB)
         labels = ids.masked_fill(~masked, -100)
         out = self.generator(ids.masked_fill(masked, self.special.mask_id), mask, labels=labels)
         with torch.no_grad():

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from model import DebertaV3Config, SpecialTokens
+from model.backbone import relative_table_index, relative_window
 
 # [PAD]=0 [CLS]=1 [SEP]=2 [UNK]=3 as DeBERTaV3; [MASK]=4; tokenizer size 1000 < 1024 rows,
 # so ids 1000..1023 are padding rows of the rounded vocabulary.
@@ -31,3 +32,16 @@ def make_batch(batch: int, seq_len: int, seed: int = 0, pad_from: int | None = N
         ids[-1, pad_from:] = SPECIAL.pad_id
         mask[-1, pad_from:] = 0
     return ids, mask
+
+
+def block_inputs(cfg, batch, length, pad_from, seed=0):
+    """Hidden states, key mask (the last row padded from `pad_from`), relative index and
+    position embeddings for one attention block at `length`."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, length, cfg.hidden_size, generator=g)
+    lo, hi = relative_window(length, cfg)
+    rel = torch.randn(hi - lo, cfg.hidden_size, generator=g)
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    if pad_from is not None:
+        mask[-1, pad_from:] = False
+    return x, mask, relative_table_index(length, cfg, torch.device("cpu")), rel

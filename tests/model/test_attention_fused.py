@@ -21,7 +21,7 @@ from model.backbone import (
     relative_window,
     resolve_attention_impl,
 )
-from tests.model.conftest import make_batch
+from tests.model.conftest import block_inputs, make_batch
 
 FP32_TOL, BF16_TOL = 1e-5, 2e-2
 NAMES = ("q", "k", "v", "pos_q", "pos_k")
@@ -174,17 +174,6 @@ def attention_pair(dropout=0.0):
         for impl in ("eager", "fused")
     ]  # fmt: skip
     return blocks
-
-
-def block_inputs(cfg, batch, length, pad_from, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, length, cfg.hidden_size, generator=g)
-    lo, hi = relative_window(length, cfg)
-    rel = torch.randn(hi - lo, cfg.hidden_size, generator=g)
-    mask = torch.ones(batch, length, dtype=torch.bool)
-    if pad_from is not None:
-        mask[-1, pad_from:] = False
-    return x, mask, relative_table_index(length, cfg, torch.device("cpu")), rel
 
 
 def block_grads(module, inputs, probe, dtype=None, seed=5):

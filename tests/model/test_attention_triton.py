@@ -25,7 +25,7 @@ from model.backbone import (
     relative_window,
     resolve_attention_impl,
 )
-from tests.model.conftest import make_batch
+from tests.model.conftest import block_inputs, make_batch
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 try:
@@ -196,17 +196,6 @@ def attention_pair(cfg, dropout=0.0):
     )  # fmt: skip
     fused = DisentangledSelfAttention(triton_cfg)
     return eager, fused
-
-
-def block_inputs(cfg, batch, length, pad_from, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, length, cfg.hidden_size, generator=g)
-    lo, hi = relative_window(length, cfg)
-    rel = torch.randn(hi - lo, cfg.hidden_size, generator=g)
-    mask = torch.ones(batch, length, dtype=torch.bool)
-    if pad_from is not None:
-        mask[-1, pad_from:] = False
-    return x, mask, relative_table_index(length, cfg, torch.device("cpu")), rel
 
 
 def block_grads(module, x, mask, index, rel, probe, seed=5):
