@@ -322,6 +322,7 @@ def pieces_from_lines(
     try:
         for raw, continuation in lines_in:
             if raw is END_OF_RECORD:
+                lines += 1  # counted as the blank line that ends a CC100 document
                 if doc:
                     stats.documents += 1
                     yield DocumentPiece(doc, ends_document=True)

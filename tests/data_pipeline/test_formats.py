@@ -109,12 +109,10 @@ def _build(inputs, tokenizer_dir, out, **kw):
 
 
 def _manifest_content(d: Path) -> dict:
-    """manifest.json without what names the inputs: their file names and sizes (`input`)
-    and `lines`, the text lines read (CC100 counts the blank lines between documents)."""
+    """manifest.json without what names the inputs: their file names and sizes (`input`)."""
     raw = json.loads((d / "manifest.json").read_text())
     for stats in raw["languages"].values():
         stats.pop("input")
-        stats.pop("lines", None)
     return raw
 
 
