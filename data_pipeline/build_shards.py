@@ -581,7 +581,13 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--input", nargs="+", required=True, help="files, directories or globs")
+    ap.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        help="files, directories or globs, or s3://BUCKET/PREFIX (an object, or a prefix "
+        "read as a directory)",
+    )
     formats.add_read_arguments(ap)
     ap.add_argument("--tokenizer", required=True, help="directory with spm.model (or a .model)")
     ap.add_argument(

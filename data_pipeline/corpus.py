@@ -27,6 +27,7 @@ naming the file and how far reading got.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import gzip
@@ -191,12 +192,30 @@ def unique_languages(inputs: list[InputFile]) -> list[InputFile]:
     return sorted(by_key.values(), key=lambda f: f.language)
 
 
+@contextlib.contextmanager
+def open_decompressed(path, compression: str) -> Iterator:
+    """`path` (a local Path, or a `remote_inputs.RemotePath`) read through its decompressor
+    ("plain", "xz", "gz", "zst": any number of frames), as a binary stream; the raw stream
+    is closed with it."""
+    with path.open("rb") as raw:
+        if compression == "xz":
+            f = lzma.open(raw, "rb")  # noqa: SIM115 (closed below)
+        elif compression == "gz":
+            f = gzip.open(raw, "rb")  # noqa: SIM115 (closed below)
+        elif compression == "zst":
+            import zstandard  # only for .zst inputs
+
+            reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+            f = io.BufferedReader(reader, 1 << 16)
+        else:
+            yield raw
+            return
+        with f:
+            yield f
+
+
 def _open_binary(inp: InputFile):
-    if inp.compression == "xz":
-        return lzma.open(inp.path, "rb")
-    if inp.compression == "gz":
-        return gzip.open(inp.path, "rb")
-    return open(inp.path, "rb")
+    return open_decompressed(inp.path, inp.compression)
 
 
 def _split_long(text: str, limit: int) -> list[str]:

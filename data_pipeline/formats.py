@@ -39,7 +39,8 @@ in CC100 text. A file that is not the format its name says, or a Parquet/Arrow i
 the text column or whose text column is not strings, raises `CorpusError` naming the file.
 
 Memory: one Parquet row group batch, one Arrow record batch or one JSON line at a time, never
-a whole file. Inputs are local files (s3:// inputs are not read yet).
+a whole file. Inputs are local paths or s3:// objects and prefixes, which
+`data_pipeline.remote_inputs` reads through the same methods by ranged GETs.
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ import contextlib
 import dataclasses
 import glob
 import gzip
-import io
 import json
 import lzma
 import os
@@ -61,7 +61,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
-from data_pipeline import corpus
+from data_pipeline import corpus, remote_inputs
 from data_pipeline.corpus import (
     DEFAULT_MAX_PARAGRAPH_CHARS,
     DEFAULT_PIECE_CHARS,
@@ -75,6 +75,8 @@ from data_pipeline.corpus import (
     record_lines,
     unique_languages,
 )
+from data_pipeline.remote import is_remote
+from data_pipeline.remote_inputs import RemotePath
 
 FORMATS = ("auto", "text", "parquet", "jsonl", "arrow")
 BAD_RECORD_REASONS = {  # ReadStats field -> what it counts
@@ -176,7 +178,7 @@ def _is_parts_dir(d: Path, fmt: str) -> bool:
 
 
 def _expand(spec: str, fmt: str) -> list[Path]:
-    p = Path(spec)
+    p = remote_inputs.resolve_spec(spec) if is_remote(spec) else Path(spec)
     if p.is_dir():
         if _is_source_dir(p, fmt) or (fmt != "text" and _is_parts_dir(p, fmt)):
             return [p]
@@ -362,18 +364,7 @@ def _checked(text, lang, inp: RecordInput, stats: ReadStats) -> str | None:
     return text
 
 
-def _open_jsonl(path: Path, compression: str):
-    if compression == "zst":
-        fh = open(path, "rb")  # noqa: SIM115 (closed with the reader: closefd)
-        reader = zstandard.ZstdDecompressor().stream_reader(
-            fh, read_across_frames=True, closefd=True
-        )
-        return io.BufferedReader(reader, 1 << 16)
-    if compression == "gz":
-        return gzip.open(path, "rb")
-    if compression == "xz":
-        return lzma.open(path, "rb")
-    return open(path, "rb")
+_open_jsonl = corpus.open_decompressed
 
 
 def _sniff(path: Path, lines: int, not_json: int) -> None:
@@ -440,14 +431,15 @@ def _batch_texts(batches, lang: str | None, inp: RecordInput, stats) -> Iterator
 
 def _parquet_file(path: Path) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(path)
+        return pq.ParquetFile(path.open_raw() if isinstance(path, RemotePath) else path)
     except (pa.ArrowInvalid, OSError) as e:
         raise CorpusError(f"{path}: not a Parquet file ({e})") from e
 
 
 def _arrow_stream(path: Path) -> pa.ipc.RecordBatchStreamReader:
     try:
-        return pa.ipc.open_stream(pa.memory_map(str(path)))
+        remote = isinstance(path, RemotePath)
+        return pa.ipc.open_stream(path.open("rb") if remote else pa.memory_map(str(path)))
     except (pa.ArrowInvalid, OSError) as e:
         raise CorpusError(f"{path}: not an Arrow stream file of a saved dataset ({e})") from e
 

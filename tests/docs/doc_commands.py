@@ -119,6 +119,10 @@ UNCHECKED = {
         "reads the user's own Parquet / JSON Lines / saved-dataset corpora; "
         "tests/data_pipeline/test_formats.py builds the sample converted to each format"
     ),
+    r"s3://my-bucket/corpora/": (
+        "reads the user's corpora in their bucket; tests/data_pipeline/test_remote_inputs.py "
+        "builds the sample's formats from a prefix of the tests' S3 server"
+    ),
 }
 
 
