@@ -1,4 +1,4 @@
-"""CC100-style text -> sentencepiece tokenizer -> Arrow shards -> a deterministic sample stream.
+"""A corpus -> sentencepiece tokenizer -> Arrow shards -> a deterministic sample stream.
 
 Commands (each with --help, a progress bar and a summary):
 
@@ -9,6 +9,8 @@ Commands (each with --help, a progress bar and a summary):
 
 Modules, in data-flow order:
 - `corpus`: discover inputs, stream documents out of plain/.xz/.gz files, count repairs.
+- `formats`: Parquet, JSON Lines (.gz/.zst/.xz) and saved-dataset inputs into the same
+  documents, bad records counted.
 - `tokenizer`, `train_tokenizer`: DeBERTaV3 ids, Hugging Face-identical encoding, training.
 - `packing`, `build_shards`: rows of exactly seq_len, atomic Arrow shards, parallel/MPI build.
 - `manifest`, `verify`: what a shard directory holds, and the checks that it still does.
@@ -18,7 +20,8 @@ Modules, in data-flow order:
   manifest last, read through a node's verified, bounded, prefetching cache.
 - `torch_dataset`: `RankIterableDataset` for torch DataLoader (the only torch import).
 
-numpy, pyarrow and sentencepiece only (plus `tokenizers` for models whose scores are not on
-the parity grid, and boto3 for s3:// locations, imported only when one is used); never model
+numpy, pyarrow and sentencepiece only (plus zstandard for .zst inputs, `tokenizers` for
+models whose scores are not on the parity grid, and boto3 for s3:// locations, imported only
+when one is used); never model
 code or deepspeed. Rank and world size are arguments.
 """

@@ -1,11 +1,15 @@
-"""Build Arrow shards from CC100-style text: read, encode in parallel, pack, publish.
+"""Build Arrow shards from a corpus: read, encode in parallel, pack, publish.
+
+Inputs: CC100 text, Parquet, JSON Lines (.gz/.zst/.xz) or saved `datasets` directories, one
+language each, the format found from the path or named by --input-format
+(data_pipeline/formats.py); the same documents give the same shards in any format.
 
     python -m data_pipeline.build_shards --input data/cc100-sample --tokenizer TOK \\
         --out SHARDS --seq-len 512 --workers 8
     mpirun -np 16 python -m data_pipeline.build_shards ...   # files split across ranks
     python -m data_pipeline.build_shards ... --out s3://BUCKET/PREFIX  # object storage
 
-Each input file (one language) is read in order by one process, which batches documents to
+Each input (one language) is read in order by one process, which batches documents to
 `--workers` encoder processes and packs the results in order, so the rows of a language
 depend on nothing but the file, the tokenizer and the settings: 1 or N workers, 1 or K MPI
 ranks give byte-identical shards. Under mpirun (mpi4py) rank r takes a size-balanced share
@@ -47,7 +51,6 @@ file and why; no manifest).
 
 from __future__ import annotations
 
-import argparse
 import collections
 import hashlib
 import itertools
@@ -55,7 +58,6 @@ import json
 import multiprocessing as mp
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,9 +70,8 @@ from data_pipeline.corpus import (
     CorpusError,
     InputFile,
     ReadStats,
-    discover_inputs,
-    read_document_pieces,
 )
+from data_pipeline.formats import ReadOptions, discover_inputs, read_document_pieces
 from data_pipeline.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -79,12 +80,9 @@ from data_pipeline.manifest import (
     VALID_DIR,
     Manifest,
     ShardRecord,
-    load_manifest,
     write_manifest,
 )
 from data_pipeline.packing import DocumentSink, Task, shard_glob
-from data_pipeline.remote import RemoteError, is_remote
-from data_pipeline.remote_shards import RemoteBuild
 from data_pipeline.tokenizer import Encoder, TokenizerInfo, file_sha256, load_tokenizer_dir
 from data_pipeline.valid_split import DEFAULT_SPLIT, SplitPlan, SplitSettings, plan_split
 
@@ -102,7 +100,6 @@ class BuildSettings:
 
     def key(self, inp: InputFile, tok: TokenizerInfo, split: SplitSettings | None) -> str:
         """Identifies one file's output; a finished file is reused only if this matches."""
-        st = inp.path.stat()
         blob = json.dumps(
             [
                 FORMAT_VERSION,
@@ -110,9 +107,7 @@ class BuildSettings:
                 self.shard_rows,
                 self.max_paragraph_chars,
                 tok.sha256,
-                inp.path.name,
-                st.st_size,
-                st.st_mtime_ns,
+                *inp.stamp(),  # name, size, mtime (and a record format's fields)
                 split.as_dict() if split is not None else None,
             ],
         )
@@ -402,7 +397,7 @@ def _no_rows_message(jobs: list[Job], seq_len: int) -> str:
     return "\n".join(lines)
 
 
-def _mpi_comm():
+def mpi_comm():
     """COMM_WORLD when started by mpirun/srun with more than one rank, else None."""
     for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS"):
         if int(os.environ.get(var, "1")) > 1:
@@ -413,13 +408,17 @@ def _mpi_comm():
 
 
 def plan_jobs(
-    inputs: list, valid_inputs: list | None, out_dir: Path, valid_split: SplitSettings | None
+    inputs: list,
+    valid_inputs: list | None,
+    out_dir: Path,
+    valid_split: SplitSettings | None,
+    options: ReadOptions | None = None,
 ) -> list[Job]:
     """Every file of the build (all input errors before any work): --input files into
     out_dir, setting documents aside when `valid_split` is on and there are no --valid-input
-    files, which otherwise go into out_dir/valid."""
-    files = discover_inputs(inputs)
-    valid_files = discover_inputs(valid_inputs) if valid_inputs else []
+    files, which otherwise go into out_dir/valid. `options`: formats and record fields."""
+    files = discover_inputs(inputs, options)
+    valid_files = discover_inputs(valid_inputs, options) if valid_inputs else []
     both = {f.path.resolve() for f in files} & {f.path.resolve() for f in valid_files}
     if both:
         raise CorpusError(
@@ -457,15 +456,17 @@ def build_shards(
     valid_inputs: list[str] | None = None,
     progress: bool = True,
     comm=None,
+    options: ReadOptions | None = None,
 ) -> Manifest | None:
     """Build shards + manifest (and the validation split, out_dir/valid); returns the
     training Manifest on rank 0 (None on other ranks). `valid_split` None or fraction 0:
-    no split; `valid_inputs`: these files are the split, nothing is set aside.
+    no split; `valid_inputs`: these files are the split, nothing is set aside; `options`:
+    the input format (default: from each path) and record fields (data_pipeline/formats.py).
 
     Raises `NoRowsError` (no manifest written) when no input gives a single row.
     """
     out_dir = Path(out_dir)
-    jobs = plan_jobs(inputs, valid_inputs, out_dir, valid_split)
+    jobs = plan_jobs(inputs, valid_inputs, out_dir, valid_split, options)
     tok = load_tokenizer_dir(tokenizer_dir)
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
@@ -519,164 +520,11 @@ def build_shards(
     return merge_manifest(out_dir, jobs, settings, tok)
 
 
-def _summary(manifest: Manifest, valid: Manifest | None, seconds: float) -> str:
-    lines = [
-        f"{'lang':8} {'docs':>8} {'rows':>8} {'tokens':>11} {'unk':>6} {'utf8':>5} "
-        f"{'empty':>6} {'split':>5} {'tail':>6} {'v.docs':>6} {'v.rows':>6}"
-    ]
-    v_rows = valid.rows_per_language() if valid is not None else {}
-    v_docs = {lang: s["documents"] for lang, s in valid.stats.items()} if valid else {}
-    tot_tokens = 0
-    for lang in manifest.languages:
-        s = manifest.stats[lang]
-        tot_tokens += s["tokens"]
-        lines.append(
-            f"{lang:8} {s['documents']:>8} {s['rows']:>8} {s['tokens']:>11} {s['unk_tokens']:>6} "
-            f"{s['invalid_utf8_lines']:>5} {s['empty_documents']:>6} {s['split_paragraphs']:>5} "
-            f"{s['dropped_tail_tokens']:>6} {v_docs.get(lang, 0):>6} {v_rows.get(lang, 0):>6}"
-        )
-    rows = sum(s.rows for s in manifest.shards)
-    lines.append(
-        f"{len(manifest.shards)} shards, {rows} rows x {manifest.seq_len} in {manifest.root} | "
-        f"{tot_tokens / max(seconds, 1e-9):,.0f} tokens/s over {seconds:.1f} s | "
-        f"fingerprint {manifest.fingerprint()[:16]}"
-    )
-    if valid is not None:
-        rule = manifest.build["valid"]
-        how = (
-            f"fraction {rule['fraction']}, min {rule['min_chars']} chars, max "
-            f"{rule['max_docs']} docs, seed {rule['seed']}"
-            if rule["source"] == "set_aside"
-            else "from --valid-input"
-        )
-        lines.append(
-            f"validation split: {len(valid.shards)} shards, {sum(v_rows.values())} rows in "
-            f"{valid.root} ({how})"
-        )
-        for lang in manifest.languages:
-            if manifest.stats[lang]["rows"] and not v_rows.get(lang):
-                lines.append(
-                    f"warning: {lang}: no validation rows ({v_docs.get(lang, 0)} documents), "
-                    "no held-out figures for it"
-                )
-    for lang in manifest.languages:
-        s = manifest.stats[lang]
-        if s["rows"] == 0:
-            why = why_no_rows(s, s["input"]["bytes"], manifest.seq_len)
-            lines.append(f"warning: {lang}: no rows ({s['input']['file']}: {why})")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m data_pipeline.build_shards",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    ap.add_argument("--input", nargs="+", required=True, help="files, directories or globs")
-    ap.add_argument("--tokenizer", required=True, help="directory with spm.model (or a .model)")
-    ap.add_argument(
-        "--out",
-        required=True,
-        help="output shard directory, or s3://BUCKET/PREFIX (built in a local staging "
-        "directory, then uploaded with the manifest last; endpoint and credentials from the "
-        "standard AWS environment)",
-    )
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--workers", type=int, default=1, help="encoder processes (per MPI rank)")
-    ap.add_argument("--shard-rows", type=int, default=None, help="default: ~128 MiB per shard")
-    ap.add_argument("--max-paragraph-chars", type=int, default=DEFAULT_MAX_PARAGRAPH_CHARS)
-    ap.add_argument(
-        "--piece-chars",
-        type=int,
-        default=DEFAULT_PIECE_CHARS,
-        help="most text of one document held at once (longer ones are encoded and packed "
-        "piece by piece into the same rows); bounds memory, never changes the output",
-    )
-    default = DEFAULT_SPLIT
-    split = ap.add_argument_group(
-        "validation split (OUT/valid/: its own manifest.json and shards, same format)"
-    )
-    split.add_argument(
-        "--valid-fraction",
-        type=float,
-        default=None,
-        help=f"set aside each document whose keyed text hash u in [0, 1) is below this, per "
-        f"language (default {default.fraction}); 0: no validation split",
-    )
-    split.add_argument(
-        "--valid-min-chars",
-        type=int,
-        default=default.min_chars,
-        help="floor: while the set-aside documents of a language hold fewer characters, take "
-        "more in order of u, at most a tenth of its documents (default %(default)s)",
-    )
-    split.add_argument(
-        "--valid-max-docs",
-        type=int,
-        default=default.max_docs,
-        help="cap: at most this many documents per language, those of smallest u "
-        "(default %(default)s)",
-    )
-    split.add_argument(
-        "--valid-seed", type=int, default=default.seed, help="key of the hash (another split)"
-    )
-    split.add_argument(
-        "--valid-input",
-        nargs="+",
-        default=None,
-        metavar="PATH",
-        help="files, directories or globs that are the validation split instead (built like "
-        "--input into OUT/valid; no documents are set aside)",
-    )
-    args = ap.parse_args(argv)
-    if args.valid_input and args.valid_fraction is not None:
-        ap.error("--valid-input and --valid-fraction are alternatives: give one of them")
-    valid_split = SplitSettings(
-        fraction=default.fraction if args.valid_fraction is None else args.valid_fraction,
-        min_chars=args.valid_min_chars,
-        max_docs=args.valid_max_docs,
-        seed=args.valid_seed,
-    )
-    comm = _mpi_comm()
-    t0 = time.perf_counter()
-    remote = None
-    try:
-        if is_remote(args.out):
-            if comm is not None:
-                raise ValueError(
-                    "--out s3://... builds in one process (no mpirun): "
-                    "build to a shared directory under mpirun, then upload it"
-                )
-            remote = RemoteBuild.begin(args.out)
-        manifest = build_shards(
-            args.input,
-            args.tokenizer,
-            remote.staging if remote else args.out,
-            seq_len=args.seq_len,
-            workers=args.workers,
-            shard_rows=args.shard_rows,
-            max_paragraph_chars=args.max_paragraph_chars,
-            piece_chars=args.piece_chars,
-            valid_split=valid_split,
-            valid_inputs=args.valid_input,
-            comm=comm,
-        )
-        if manifest is not None:
-            valid_dir = manifest.root / VALID_DIR
-            has_valid = "valid" in manifest.build
-            valid = load_manifest(valid_dir, check_files=False) if has_valid else None
-            print(_summary(manifest, valid, time.perf_counter() - t0))
-        if remote is not None:
-            sent = remote.finish()
-            print(f"uploaded {sent / 1e6:.1f} MB to {remote.url} (manifest.json last)")
-    except NoRowsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_NO_ROWS
-    except (CorpusError, ValueError, FileNotFoundError, RemoteError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_ERROR
-    return 0
+    """The command line (data_pipeline/build_cli.py: flags, summary, exit status)."""
+    from data_pipeline.build_cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

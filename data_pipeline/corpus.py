@@ -27,9 +27,11 @@ naming the file and how far reading got.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import gzip
+import io
 import lzma
 import os
 import re
@@ -70,6 +72,11 @@ class InputFile:
     def size(self) -> int:
         return self.path.stat().st_size
 
+    def stamp(self) -> list:
+        """What identifies this input's content for resuming a build (name, size, mtime)."""
+        st = self.path.stat()
+        return [self.path.name, st.st_size, st.st_mtime_ns]
+
 
 @dataclass
 class ReadStats:
@@ -83,6 +90,12 @@ class ReadStats:
     invalid_utf8_lines: int = 0
     split_paragraphs: int = 0
     special_literals: int = 0
+    # bad records of record formats (data_pipeline/formats.py), skipped: see BAD_RECORD_REASONS
+    not_json: int = 0
+    missing_text: int = 0
+    non_string_text: int = 0
+    unknown_language: int = 0
+    other_language: int = 0
 
     def merge(self, other: ReadStats) -> None:
         for f in dataclasses.fields(self):
@@ -153,10 +166,19 @@ def discover_inputs(specs: Iterable[str | os.PathLike]) -> list[InputFile]:
             paths.extend(matched)
     if not paths:
         raise CorpusError("no input files given (empty input set)")
-    inputs = [parse_input_name(p) for p in paths]
+    return unique_languages([parse_input_name(p) for p in paths])
+
+
+def language_key(code: str) -> str:
+    """Two codes name one language when these agree (case and -/_ ignored)."""
+    return code.lower().replace("_", "-")
+
+
+def unique_languages(inputs: list[InputFile]) -> list[InputFile]:
+    """`inputs` sorted by language, a path given twice once; two for a language: error."""
     by_key: dict[str, InputFile] = {}
     for inp in inputs:
-        key = inp.language.lower().replace("_", "-")
+        key = language_key(inp.language)
         seen = by_key.get(key)
         if seen is not None and seen.path.resolve() != inp.path.resolve():
             codes = repr(inp.language)
@@ -170,12 +192,30 @@ def discover_inputs(specs: Iterable[str | os.PathLike]) -> list[InputFile]:
     return sorted(by_key.values(), key=lambda f: f.language)
 
 
+@contextlib.contextmanager
+def open_decompressed(path, compression: str) -> Iterator:
+    """`path` (a local Path, or a `remote_inputs.RemotePath`) read through its decompressor
+    ("plain", "xz", "gz", "zst": any number of frames), as a binary stream; the raw stream
+    is closed with it."""
+    with path.open("rb") as raw:
+        if compression == "xz":
+            f = lzma.open(raw, "rb")  # noqa: SIM115 (closed below)
+        elif compression == "gz":
+            f = gzip.open(raw, "rb")  # noqa: SIM115 (closed below)
+        elif compression == "zst":
+            import zstandard  # only for .zst inputs
+
+            reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+            f = io.BufferedReader(reader, 1 << 16)
+        else:
+            yield raw
+            return
+        with f:
+            yield f
+
+
 def _open_binary(inp: InputFile):
-    if inp.compression == "xz":
-        return lzma.open(inp.path, "rb")
-    if inp.compression == "gz":
-        return gzip.open(inp.path, "rb")
-    return open(inp.path, "rb")
+    return open_decompressed(inp.path, inp.compression)
 
 
 def _split_long(text: str, limit: int) -> list[str]:
@@ -246,7 +286,8 @@ def read_document_pieces(
     repairs are counted in stats. A document that fits comes as one piece."""
     try:
         with _open_binary(inp) as f:
-            yield from _pieces(inp, f, stats, max_paragraph_chars, piece_chars)
+            lines = _raw_lines(f, 4 * max_paragraph_chars + 4)
+            yield from pieces_from_lines(inp, lines, stats, max_paragraph_chars, piece_chars)
     except (EOFError, lzma.LZMAError, zlib.error, gzip.BadGzipFile, OSError) as e:
         kind = "truncated" if isinstance(e, EOFError) else "corrupt or unreadable"
         raise CorpusError(
@@ -269,18 +310,47 @@ def read_documents(
         yield piece.paragraphs
 
 
-def _pieces(
-    inp: InputFile, f, stats: ReadStats, max_chars: int, piece_chars: int
+END_OF_RECORD = None  # in a line stream of a record format: the record (document) ended
+
+
+def record_lines(text: str, max_chars: int) -> Iterator[tuple[bytes | None, bool]]:
+    """One record's text as `pieces_from_lines` input: its lines, then END_OF_RECORD. Lone
+    surrogates (JSON allows them) pass as bytes that are counted as invalid UTF-8."""
+    data = text.encode("utf-8", "surrogatepass")
+    yield from _raw_lines(io.BytesIO(data), 4 * max_chars + 4)
+    yield END_OF_RECORD, False
+
+
+def pieces_from_lines(
+    inp: InputFile,
+    lines_in: Iterable[tuple[bytes | None, bool]],
+    stats: ReadStats,
+    max_chars: int,
+    piece_chars: int,
+    records: bool = False,
 ) -> Iterator[DocumentPiece]:
+    """Document pieces from (line bytes, is_continuation). In CC100 text a blank line ends
+    a document; with `records` (a stream with END_OF_RECORD markers: `record_lines`) a record
+    is one document, blank lines inside it are skipped and an empty record is counted as an
+    empty document."""
     doc: list[str] = []  # the current piece of the document being read
     doc_chars = 0
     blank_run = 1  # a blank run at the start of the file is an empty document too
     pending_split = False  # the previous line piece belongs to a paragraph counted as split
     lines = paragraphs = chars = 0  # hot counters live in locals, flushed into stats below
     try:
-        for raw, continuation in _raw_lines(f, 4 * max_chars + 4):
+        for raw, continuation in lines_in:
+            if raw is END_OF_RECORD:
+                lines += 1  # counted as the blank line that ends a CC100 document
+                if doc:
+                    stats.documents += 1
+                    yield DocumentPiece(doc, ends_document=True)
+                else:
+                    stats.empty_documents += 1
+                doc, doc_chars = [], 0
+                continue
             lines += not continuation
-            if b"\x00" in raw:
+            if b"\x00" in raw and not records:
                 raise CorpusError(
                     f"{inp.path}: looks like a binary file (NUL byte on line {lines}); "
                     "expected UTF-8 text, one paragraph per line"
@@ -290,13 +360,14 @@ def _pieces(
             except UnicodeDecodeError:
                 text = raw.decode("utf-8", errors="replace").strip()
                 stats.invalid_utf8_lines += 1
-                if lines <= _SNIFF_LINES and stats.invalid_utf8_lines > _SNIFF_LINES // 2:
+                sniff = not records and lines <= _SNIFF_LINES
+                if sniff and stats.invalid_utf8_lines > _SNIFF_LINES // 2:
                     raise CorpusError(
                         f"{inp.path}: not UTF-8 text ({stats.invalid_utf8_lines} of the first "
                         f"{lines} lines are invalid UTF-8): a binary file or another encoding"
                     ) from None
             if not text:
-                if continuation:
+                if continuation or records:
                     continue
                 if doc:
                     stats.documents += 1

@@ -51,6 +51,12 @@ _CREDENTIALS_HINT = (
 )
 
 
+@dataclass(frozen=True)
+class ObjectInfo:
+    size: int
+    mtime_ns: int  # LastModified
+
+
 class RemoteError(RuntimeError):
     """An object-store request that failed for good; the message names the object."""
 
@@ -252,19 +258,40 @@ class ObjectStore:
     def delete(self, url: S3Url) -> None:
         self._call(url, lambda: self.client.delete_object(Bucket=url.bucket, Key=url.key))
 
-    def sizes(self, prefix: S3Url) -> dict[str, int]:
-        """{key relative to the prefix: bytes} of every object under it."""
+    def get_range(self, url: S3Url, start: int, end: int) -> bytes:
+        """Bytes [start, end) of an object (one ranged GET, retried as a whole)."""
 
-        def listing() -> dict[str, int]:
-            found = {}
+        def get() -> bytes:
+            body = self.client.get_object(
+                Bucket=url.bucket, Key=url.key, Range=f"bytes={start}-{end - 1}"
+            )["Body"]
+            data = body.read()
+            if len(data) != end - start:  # a connection cut mid-body reads short: retried
+                raise ConnectionError(f"short read: {len(data)} of {end - start} bytes")
+            return data
+
+        return self._call(url, get)
+
+    def objects(self, prefix: S3Url, start: str | None = None) -> dict[str, ObjectInfo]:
+        """{key relative to `start`: ObjectInfo} of every object whose key begins with
+        `start` (default: the prefix as a directory, ``prefix/``)."""
+        if start is None:
             start = f"{prefix.key}/" if prefix.key else ""
+
+        def listing() -> dict[str, ObjectInfo]:
+            found = {}
             pages = self.client.get_paginator("list_objects_v2")
             for page in pages.paginate(Bucket=prefix.bucket, Prefix=start):
                 for obj in page.get("Contents", []):
-                    found[obj["Key"][len(start) :]] = int(obj["Size"])
+                    when = obj["LastModified"].timestamp()
+                    found[obj["Key"][len(start) :]] = ObjectInfo(int(obj["Size"]), int(when * 1e9))
             return found
 
         return self._call(prefix, listing)
+
+    def sizes(self, prefix: S3Url) -> dict[str, int]:
+        """{key relative to the prefix: bytes} of every object under it."""
+        return {key: info.size for key, info in self.objects(prefix).items()}
 
 
 def check_bucket(store: ObjectStore, url: S3Url) -> None:

@@ -2,8 +2,10 @@
 
     python -m data_pipeline.train_tokenizer --input data/cc100-sample --vocab-size 8000 --out DIR
 
-Languages are weighted q_l ~ n_l^alpha (alpha 0.3, as XLM-R / mDeBERTa), with n_l the input
-file's size (known without reading the file, which matters for 2.5 TB of CC100). Each
+Languages are weighted q_l ~ n_l^alpha (alpha 0.3, as XLM-R / mDeBERTa), with n_l the input's
+size in bytes on disk (a directory input's files together; known without reading the file,
+which matters for 2.5 TB of CC100: a compressed input weighs what it weighs compressed). Any
+input format of data_pipeline/formats.py is read the same way (the first records). Each
 language contributes round(budget * q_l) paragraphs, read from the start of its file (fewer if
 the file is shorter). Paragraphs are normalized as Hugging Face normalizes them
 (`tokenizer.normalize_text`) and the model uses the identity rule, so the vocabulary is
@@ -29,12 +31,13 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 from tqdm import tqdm
 
-from data_pipeline.corpus import (
-    DEFAULT_MAX_PARAGRAPH_CHARS,
-    CorpusError,
-    ReadStats,
+from data_pipeline.corpus import DEFAULT_MAX_PARAGRAPH_CHARS, CorpusError, ReadStats
+from data_pipeline.formats import (
+    ReadOptions,
+    add_read_arguments,
     discover_inputs,
     read_document_pieces,
+    read_options,
 )
 from data_pipeline.mixing import language_weights, largest_remainder
 from data_pipeline.tokenizer import (
@@ -135,12 +138,13 @@ def train_tokenizer(
     character_coverage: float = 0.9999,
     seed: int = 0,
     progress: bool = True,
+    options: ReadOptions | None = None,
 ) -> dict:
     """Train and write DIR/spm.model, tokenizer_meta.json and tokenizer_config.json.
 
     Returns the meta dict (settings, per-language sample counts, sha256 of spm.model).
     """
-    files = discover_inputs(inputs)
+    files = discover_inputs(inputs, options)
     if vocab_size < 300:
         raise ValueError(f"--vocab-size {vocab_size} is too small (byte pieces alone take 256)")
     q = language_weights(np.array([f.size for f in files], dtype=np.float64), alpha)
@@ -188,7 +192,14 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--input", nargs="+", required=True, help="files, directories or globs")
+    ap.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        help="files, directories or globs, or s3://BUCKET/PREFIX (an object, or a prefix "
+        "read as a directory)",
+    )
+    add_read_arguments(ap)
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--vocab-size", type=int, default=8000)
     ap.add_argument("--sentences", type=int, default=30_000, help="paragraph budget")
@@ -205,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             alpha=args.alpha,
             character_coverage=args.character_coverage,
             seed=args.seed,
+            options=read_options(args),
         )
     except (CorpusError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -73,13 +73,14 @@ TRICKY_STRINGS = [
 
 @pytest.fixture(scope="session")
 def small_corpus_dir(tmp_path_factory) -> Path:
-    """12 plain-text CC100 files ({lang}.txt), the first ~160 KB of each bundled file."""
+    """12 plain-text CC100 files ({lang}.txt), the whole documents of the first ~160 KB of
+    each bundled file."""
     out = tmp_path_factory.mktemp("small_corpus")
     for src in sorted(SAMPLE_CORPUS.glob("*.txt.xz")):
         lang = src.name.split(".")[0]
         with lzma.open(src, "rb") as f:
             text = f.read(SMALL_CORPUS_BYTES)
-        text = text[: text.rfind(b"\n") + 1]  # whole lines only
+        text = text[: text.rfind(b"\n\n") + 2]  # whole documents only
         (out / f"{lang}.txt").write_bytes(text)
     return out
 

@@ -115,6 +115,14 @@ UNCHECKED = {
         "the image and logs in through it with pdsh"
     ),
     r"\bapptainer build\b": "converts a built image: no Apptainer and no image here",
+    r"(?<![\w/.])work/corpora/": (
+        "reads the user's own Parquet / JSON Lines / saved-dataset corpora; "
+        "tests/data_pipeline/test_formats.py builds the sample converted to each format"
+    ),
+    r"s3://my-bucket/corpora/": (
+        "reads the user's corpora in their bucket; tests/data_pipeline/test_remote_inputs.py "
+        "builds the sample's formats from a prefix of the tests' S3 server"
+    ),
 }
 
 
