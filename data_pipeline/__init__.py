@@ -12,12 +12,14 @@ Modules, in data-flow order:
 - `formats`: Parquet, JSON Lines (.gz/.zst/.xz) and saved-dataset inputs into the same
   documents, bad records counted.
 - `tokenizer`, `train_tokenizer`: DeBERTaV3 ids, Hugging Face-identical encoding, training.
-- `packing`, `build_shards`: rows of exactly seq_len, atomic Arrow shards, parallel/MPI build.
+- `packing`, `build_shards`: rows of exactly seq_len, atomic Arrow shards, parallel/MPI build
+  (`build_cli`: its command line).
 - `manifest`, `verify`: what a shard directory holds, and the checks that it still does.
 - `mixing`, `permutation`, `stream`: the global sample order, `ShardStream` and the
   `MicroBatch` it yields.
 - `remote`, `remote_shards`, `cache`: shard directories at s3:// locations (boto3), published
-  manifest last, read through a node's verified, bounded, prefetching cache.
+  manifest last, read through a node's verified, bounded, prefetching cache;
+  `remote_inputs`: corpus inputs at s3:// locations, read by ranged GETs.
 - `torch_dataset`: `RankIterableDataset` for torch DataLoader (the only torch import).
 
 numpy, pyarrow and sentencepiece only (plus zstandard for .zst inputs, `tokenizers` for
