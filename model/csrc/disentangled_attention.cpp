@@ -14,9 +14,10 @@
 // intra-op threads) walks its queries in blocks of `block` rows, so the score memory is a
 // (block, L) fp32 tile and an (L, S) table per thread, never an (N, L, L) or (N, L, S)
 // tensor. Within a block the softmax is exact over all L keys (no online rescaling needed at
-// this tile size). The tile products are at::mm on fp32 copies of the task's operands
-// (MKL/oneDNN choose the ISA at run time); the gather, mask, softmax and dropout loops are
-// compiled for AVX2.
+// this tile size). The tile products run on fp32 copies of the task's operands through
+// ATen's batch-reduce GEMM, at::native::cpublas::brgemm, on raw row-major pointers (oneDNN's
+// ukernel picks the ISA at run time; see `Gemm`); the gather, mask, softmax and dropout
+// loops are compiled for AVX2.
 //
 // Backward recomputes P from the saved row log-sum-exp. One task owns all of n, so dk, dv
 // and the position-table gradients d c2p[i, w] and d p2c[j, w] (sums of dS over the pairs
