@@ -157,8 +157,8 @@ struct Problem {  // shapes and scalars shared by forward and backward
 // Tile products in the GEMM dtype (fp32, or bf16 on CPUs whose bf16 GEMMs are faster; the
 // caller decides), with fp32 results and accumulators either way. fp32 products whose three
 // operands are row-major (unit column stride) go to ATen's batch-reduce GEMM
-// (at::native::cpublas::brgemm: oneDNN's ukernel, chosen for the CPU at run time, or ATen's
-// own gemm where there is none) on raw pointers: no dispatch, no allocation, and 1.2x the
+// (at::native::cpublas::brgemm: oneDNN's ukernel, chosen for the CPU at run time, or
+// torch's fallback where there is none) on raw pointers: no dispatch, no allocation, and 1.2x the
 // MKL sgemm behind at::mm at tile size (64 x 512 x 64: 37 vs 46 us, one thread, this
 // session's AVX-512 EPYC). The rest (a transposed left operand, bf16 tiles) stay at::mm.
 struct Gemm {
