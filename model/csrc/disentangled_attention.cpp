@@ -158,18 +158,20 @@ struct Problem {  // shapes and scalars shared by forward and backward
 // caller decides), with fp32 results and accumulators either way. fp32 products whose three
 // operands are row-major (unit column stride) go to ATen's batch-reduce GEMM
 // (at::native::cpublas::brgemm: oneDNN's ukernel, chosen for the CPU at run time, or
-// torch's fallback where there is none) on raw pointers: no dispatch, no allocation, and 1.2x the
-// MKL sgemm behind at::mm at tile size (64 x 512 x 64: 37 vs 46 us, one thread, this
-// session's AVX-512 EPYC). The rest (a transposed left operand, bf16 tiles) stay at::mm.
+// torch's fallback where there is none) on raw pointers: no dispatch, no allocation, and
+// 1.2x the MKL sgemm behind at::mm at tile size (64 x 512 x 64: 37 vs 46 us, one thread, this
+// session's AVX-512 EPYC). The rest (bf16 tiles, a CPU or torch build where brgemm fails
+// its check) stay at::mm.
 struct Gemm {
   at::ScalarType dtype;
+  bool use_brgemm;  // brgemm_usable(), asked once on the calling thread
   at::Tensor cast(const at::Tensor& x) const {
     return x.scalar_type() == dtype ? x : x.to(dtype);
   }
   static bool row_major(const at::Tensor& x) { return x.size(1) == 1 || x.stride(1) == 1; }
   bool brgemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool add) const {
-    if (dtype != at::kFloat || a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat ||
-        !row_major(out) || !row_major(a) || !row_major(b))
+    if (!use_brgemm || dtype != at::kFloat || a.scalar_type() != at::kFloat ||
+        b.scalar_type() != at::kFloat || !row_major(out) || !row_major(a) || !row_major(b))
       return false;
     const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
     at::native::cpublas::brgemm(M, N, K, a.stride(0), b.stride(0), out.stride(0), add,
@@ -194,6 +196,26 @@ struct Gemm {
     }
   }
 };
+
+// Whether torch's fp32 brgemm runs and agrees with at::mm here: checked once per process on
+// a small product of fixed values (no RNG drawn), so that a CPU or a torch build without it
+// falls back to at::mm instead of failing.
+bool brgemm_usable() {
+  static const bool ok = [] {
+    const TaskGuards guards;  // no autocast: the reference product stays fp32
+    try {
+      const at::Tensor a = at::arange(8 * 16, at::kFloat).reshape({8, 16}).div_(64);
+      const at::Tensor b = at::arange(16 * 24, at::kFloat).reshape({16, 24}).div_(-96);
+      at::Tensor c = at::empty({8, 24});
+      at::native::cpublas::brgemm(8, 24, 16, 16, 24, 24, false, a.data_ptr<float>(),
+                                  b.data_ptr<float>(), c.data_ptr<float>(), false);
+      return at::allclose(c, at::mm(a, b), 1e-5, 1e-5);
+    } catch (const std::exception&) {
+      return false;
+    }
+  }();
+  return ok;
+}
 
 // The task's operands in the GEMM dtype: q, k, v of n and the window's position
 // queries/keys of its head.
@@ -384,7 +406,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 double scale, double drop, int64_t seed, int64_t block,
                                 bool bf16_tiles) {
   const Problem pb = check_inputs(q, k, v, pos_q, pos_k, rev, kmask, scale, drop, seed, block);
-  const Gemm gemm{bf16_tiles ? at::kBFloat16 : at::kFloat};
+  const Gemm gemm{bf16_tiles ? at::kBFloat16 : at::kFloat, brgemm_usable()};
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({pb.N, pb.L}, q.options().dtype(at::kFloat));
   const int8_t* km = kmask.has_value() ? kmask->data_ptr<int8_t>() : nullptr;
@@ -406,7 +428,7 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q,
                                  const at::Tensor& lse, double scale, double drop,
                                  int64_t seed, int64_t block, bool bf16_tiles) {
   const Problem pb = check_inputs(q, k, v, pos_q, pos_k, rev, kmask, scale, drop, seed, block);
-  const Gemm gemm{bf16_tiles ? at::kBFloat16 : at::kFloat};
+  const Gemm gemm{bf16_tiles ? at::kBFloat16 : at::kFloat, brgemm_usable()};
   TORCH_CHECK(dout.sizes() == q.sizes() && dout.is_contiguous(), "dout must be like q");
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.numel() == pb.N * pb.L, "lse (N, L) fp32");
   const auto f32 = q.options().dtype(at::kFloat);
