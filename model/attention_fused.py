@@ -26,10 +26,10 @@ import torch
 # query rows per tile: the (BLOCK, L) fp32 score tiles of a thread stay in L2 at L = 512
 # (benchmarks/attention_block.py measured 32, 64, 128: docs/performance.md)
 BLOCK = 64
-# tile products in bf16 (fp32 results and accumulators) for bf16 inputs: faster for the
-# attention block alone on a quiet AVX512-BF16 EPYC (8 x 512: 217-229 ms vs 266-270 ms), but
-# the whole 8 x 512 step measured 0.86x of eager with them against 1.05x without
-# (docs/performance.md); off until that is understood
+# tile products in bf16 (fp32 results and accumulators; oneDNN's bf16 at::mm) for bf16
+# inputs instead of the default fp32 brgemm: on an AVX512-BF16 EPYC without AMX no faster at
+# 64-row tile size (43 vs 37 us at 64 x 512 x 64, one thread), and the whole 8 x 512 step
+# measured 0.86x of eager with them (docs/performance.md, issue 16 / 16b); off
 BF16_TILES = False
 
 
