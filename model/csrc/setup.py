@@ -4,8 +4,8 @@ into model/ against the installed torch: `python model/csrc/setup.py build_ext -
 
 Compiled for x86-64 with AVX2 and FMA (the oldest CPU this project runs on), never
 -march=native: the tile products are ATen's brgemm / at::mm calls, and oneDNN/MKL choose
-AVX-512 or AMX at run time. -fopenmp for at::parallel_for; at run time the extension shares the libgomp
-that torch has loaded (same soname).
+AVX-512 or AMX at run time. -fopenmp for at::parallel_for; at run time the extension shares
+the libgomp that torch has loaded (same soname).
 """
 
 import os
