@@ -79,13 +79,6 @@ def parser() -> argparse.ArgumentParser:
         description=build_shards_module.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument(
-        "--input",
-        nargs="+",
-        required=True,
-        help="files, directories or globs, or s3://BUCKET/PREFIX (an object, or a prefix "
-        "read as a directory)",
-    )
     formats.add_read_arguments(ap)
     ap.add_argument("--tokenizer", required=True, help="directory with spm.model (or a .model)")
     ap.add_argument(

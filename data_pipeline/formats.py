@@ -508,7 +508,15 @@ def bad_record_lines(stats: dict[str, dict]) -> list[str]:
 
 
 def add_read_arguments(ap) -> None:
-    """--input-format, --text-field, --lang-field (build_shards and train_tokenizer)."""
+    """--input, --input-format, --text-field, --lang-field (build_shards and
+    train_tokenizer)."""
+    ap.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        help="files, directories or globs, or s3://BUCKET/PREFIX (an object, or a prefix "
+        "read as a directory)",
+    )
     ap.add_argument(
         "--input-format",
         choices=FORMATS,

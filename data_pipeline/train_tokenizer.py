@@ -192,13 +192,6 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument(
-        "--input",
-        nargs="+",
-        required=True,
-        help="files, directories or globs, or s3://BUCKET/PREFIX (an object, or a prefix "
-        "read as a directory)",
-    )
     add_read_arguments(ap)
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--vocab-size", type=int, default=8000)
